@@ -1,0 +1,173 @@
+"""CrossLMMConfig: the single source of truth for every architectural default.
+
+Everything that changes what the model computes lives here and is written to
+`config.json` by `save_pretrained`, so training, evaluation and serving read the same
+values. The config nests the vision encoder's and the LLM's own transformers configs
+unchanged, which is what lets a user assemble CrossLMM from any local SigLIP / CLIP and
+Llama-family checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+POOLING_MODES = ("bilinear", "average")
+V2V_SCOPES = ("frame", "video")
+SUPPORTED_VISION_TYPES = ("siglip_vision_model", "siglip2_vision_model", "clip_vision_model")
+
+
+def _as_config(value: PretrainedConfig | dict | None, default_type: str) -> PretrainedConfig:
+    """Turn a nested config given as a dict (as read from config.json) into its class."""
+    if value is None:
+        return AutoConfig.for_model(default_type)
+    if isinstance(value, PretrainedConfig):
+        return value
+    value = dict(value)
+    model_type = value.pop("model_type", default_type)
+    return AutoConfig.for_model(model_type, **value)
+
+
+class CrossLMMConfig(PretrainedConfig):
+    r"""Configuration of a CrossLMM video language model.
+
+    Args:
+        vision_config: config of the frame encoder (SigLIP, SigLIP2 or CLIP vision model).
+        text_config: config of the Llama-family decoder (Qwen2/2.5, Qwen3, Llama, Mistral).
+        media_token_id: id of the placeholder token that marks where a media item (video
+            or image) goes in `input_ids`; one placeholder per media item.
+        tokens_per_frame: pooled visual tokens per frame fed to the LLM; a square g*g
+            (1, 4, 9, 16, ..., 196 for the LLaVA-OneVision layout).
+        pooling_mode: "bilinear" or "average": how the ViT grid is reduced to g x g.
+        pooling_antialias: with bilinear pooling, low-pass filter before resampling so
+            every ViT token contributes (without it, 27 -> 1 keeps the single centre
+            token). LLaVA-OneVision's own pooling has it off.
+        vision_feature_layer: index into the ViT's hidden states (0 = embeddings, -1 =
+            last layer). -2, the second to last layer, is LLaVA-OneVision's choice.
+        vision_chunk_size: frames encoded per ViT call, bounding activation memory on
+            long videos; results do not depend on it.
+        dcal_every_k: a Dual Cross-Attention Layer is inserted after the self-attention
+            of decoder layers K-1, 2K-1, ... (counting from 0).
+        use_v2v / use_t2v: switch the visual-to-visual and text-to-visual
+            cross-attentions. With both off the model is the pooled-only (or, at 196
+            tokens per frame, the LLaVA-OneVision-layout) baseline and has no DCAL weights.
+        v2v_scope: "frame" (each frame's pooled tokens attend to that frame's original
+            tokens) or "video" (to all original tokens of the same media item).
+        projector_hidden_act: activation between the two projector linears.
+    """
+
+    model_type = "crosslmm"
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config: PretrainedConfig | dict | None = None,
+        text_config: PretrainedConfig | dict | None = None,
+        media_token_id: int | None = None,
+        tokens_per_frame: int = 9,
+        pooling_mode: str = "bilinear",
+        pooling_antialias: bool = True,
+        vision_feature_layer: int = -2,
+        vision_chunk_size: int = 16,
+        dcal_every_k: int = 4,
+        use_v2v: bool = True,
+        use_t2v: bool = True,
+        v2v_scope: str = "frame",
+        projector_hidden_act: str = "gelu",
+        **kwargs: Any,
+    ) -> None:
+        self.vision_config = _as_config(vision_config, "siglip_vision_model")
+        self.text_config = _as_config(text_config, "qwen2")
+        self.media_token_id = media_token_id
+        self.tokens_per_frame = tokens_per_frame
+        self.pooling_mode = pooling_mode
+        self.pooling_antialias = pooling_antialias
+        self.vision_feature_layer = vision_feature_layer
+        self.vision_chunk_size = vision_chunk_size
+        self.dcal_every_k = dcal_every_k
+        self.use_v2v = use_v2v
+        self.use_t2v = use_t2v
+        self.v2v_scope = v2v_scope
+        self.projector_hidden_act = projector_hidden_act
+        kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
+        super().__init__(**kwargs)
+        self.validate_crosslmm()
+
+    def validate_crosslmm(self) -> None:
+        """Reject inconsistent options at construction, not deep inside a forward pass."""
+        if self.vision_config.model_type not in SUPPORTED_VISION_TYPES:
+            raise ValueError(
+                f"vision_config.model_type={self.vision_config.model_type!r} is not supported; "
+                f"expected one of {SUPPORTED_VISION_TYPES}"
+            )
+        grid = math.isqrt(self.tokens_per_frame)
+        if self.tokens_per_frame < 1 or grid * grid != self.tokens_per_frame:
+            raise ValueError(f"tokens_per_frame must be a square number (1, 4, 9, 16, ...), got {self.tokens_per_frame}")
+        if grid > self.vision_grid_size:
+            raise ValueError(
+                f"tokens_per_frame={self.tokens_per_frame} needs a {grid}x{grid} grid, larger than the "
+                f"vision encoder's {self.vision_grid_size}x{self.vision_grid_size} patch grid"
+            )
+        if self.pooling_mode not in POOLING_MODES:
+            raise ValueError(f"pooling_mode must be one of {POOLING_MODES}, got {self.pooling_mode!r}")
+        if self.v2v_scope not in V2V_SCOPES:
+            raise ValueError(f"v2v_scope must be one of {V2V_SCOPES}, got {self.v2v_scope!r}")
+        if self.dcal_every_k < 1:
+            raise ValueError(f"dcal_every_k must be >= 1, got {self.dcal_every_k}")
+        num_vision_layers = self.vision_config.num_hidden_layers
+        if not -num_vision_layers - 1 <= self.vision_feature_layer <= num_vision_layers:
+            raise ValueError(
+                f"vision_feature_layer={self.vision_feature_layer} is outside the vision encoder's "
+                f"{num_vision_layers} layers"
+            )
+        if self.vision_chunk_size < 1:
+            raise ValueError(f"vision_chunk_size must be >= 1, got {self.vision_chunk_size}")
+
+    # ---- derived quantities (never stored, so they cannot disagree with the options) ----
+
+    @property
+    def vision_grid_size(self) -> int:
+        """Side of the ViT's square patch grid: 27 for so400m-patch14-384."""
+        vision = self.vision_config
+        if vision.model_type == "siglip2_vision_model":  # NaFlex: a patch budget, no image size
+            return math.isqrt(vision.num_patches)
+        return vision.image_size // vision.patch_size
+
+    @property
+    def image_size(self) -> int:
+        """Side in pixels of the square frames the vision encoder takes."""
+        return self.vision_grid_size * self.vision_config.patch_size
+
+    @property
+    def pooled_grid_size(self) -> int:
+        return math.isqrt(self.tokens_per_frame)
+
+    @property
+    def use_dcal(self) -> bool:
+        return self.use_v2v or self.use_t2v
+
+    @property
+    def dcal_layer_indices(self) -> list[int]:
+        """Decoder layers that carry a DCAL: K-1, 2K-1, ... (empty when DCAL is off)."""
+        if not self.use_dcal:
+            return []
+        k = self.dcal_every_k
+        return list(range(k - 1, self.text_config.num_hidden_layers, k))
+
+    @property
+    def num_vision_layers_used(self) -> int:
+        """How many ViT encoder layers run: layers after the feature layer are never built."""
+        n = self.vision_config.num_hidden_layers
+        return self.vision_feature_layer if self.vision_feature_layer >= 0 else n + 1 + self.vision_feature_layer
+
+    def get_text_config(self, *args: Any, **kwargs: Any) -> PretrainedConfig:
+        return self.text_config
+
+    @classmethod
+    def baseline(cls, vision_config: PretrainedConfig | dict, text_config: PretrainedConfig | dict, **kwargs: Any) -> "CrossLMMConfig":
+        """LLaVA-OneVision's token layout on the CrossLMM code path: 196 tokens per frame,
+        no DCAL. Used for like-for-like quality and cost comparisons."""
+        kwargs = {"tokens_per_frame": 196, "use_v2v": False, "use_t2v": False, **kwargs}
+        return cls(vision_config=vision_config, text_config=text_config, **kwargs)

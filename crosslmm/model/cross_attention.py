@@ -1,0 +1,84 @@
+"""The gated, GQA-shaped cross-attention used twice in every DCAL (V2V and T2V).
+
+Queries come from the LLM's residual stream, keys and values from the projected
+original (unpooled) visual tokens. The shape copies the LLM's own attention
+(num_heads, num_key_value_heads, head_dim) without rotary embeddings: that is what
+reproduces the paper's stage-1 trainable count (method.md, "Decisions").
+
+Attention never materialises a (queries x keys) matrix: it always goes through
+`scaled_dot_product_attention`, whatever attention implementation the LLM uses. Grouped
+-query heads are handled by folding each key/value head's group of query heads into the
+query length: cross-attention has no causal structure, so (G heads x Lq queries) against
+one K/V head is the same computation as G separate heads, and K/V are read once per
+key/value head instead of being repeated G times in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+
+class GatedCrossAttention(nn.Module):
+    """`tanh(gate) * CrossAttn(norm(h), O)` with the gate initialised to zero, so a fresh
+    block changes nothing and the pretrained LLM's behaviour is the starting point."""
+
+    def __init__(self, text_config: PretrainedConfig, norm_class: type[nn.Module]) -> None:
+        super().__init__()
+        hidden_size = text_config.hidden_size
+        self.num_heads = text_config.num_attention_heads
+        self.num_key_value_heads = getattr(text_config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(text_config, "head_dim", None) or hidden_size // self.num_heads
+        if self.num_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_key_value_heads}"
+            )
+        self.heads_per_group = self.num_heads // self.num_key_value_heads
+
+        self.norm = norm_class(hidden_size, eps=text_config.rms_norm_eps)
+        self.q_proj = nn.Linear(hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=False)
+        # A learnable scalar; zero means "this block is off". Its init lives in
+        # `CrossLMMPreTrainedModel._init_weights` too, for checkpoints that lack it.
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def project_key_value(self, originals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F, N, D) original tokens -> keys, values of shape (F, N, Hkv, hd)."""
+        shape = (*originals.shape[:-1], self.num_key_value_heads, self.head_dim)
+        return self.k_proj(originals).view(shape), self.v_proj(originals).view(shape)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # (G, Lq, D) queries of G independent groups
+        key: torch.Tensor,  # (G, Hkv, S, hd)
+        value: torch.Tensor,  # (G, Hkv, S, hd)
+        key_mask: torch.Tensor | None = None,  # (G, Lq, S) bool, True = may attend
+        query_valid: torch.Tensor | None = None,  # (G, Lq) bool, False = zero update
+    ) -> torch.Tensor:
+        """Return the gated update (G, Lq, D) to add to the residual stream."""
+        groups, num_queries, _ = hidden.shape
+        num_keys = key.shape[2]
+        hkv, rep, hd = self.num_key_value_heads, self.heads_per_group, self.head_dim
+
+        # (G, Lq, H*hd) -> (G, Hkv, Lq*rep, hd): query head h = j*rep + r uses K/V head j.
+        query = self.q_proj(self.norm(hidden)).view(groups, num_queries, hkv, rep, hd)
+        query = query.permute(0, 2, 1, 3, 4).reshape(groups, hkv, num_queries * rep, hd)
+
+        attn_mask = None
+        if key_mask is not None:
+            # A row that may see nothing would give NaN (softmax over no keys); let it see
+            # everything and zero its update below (`query_valid` must be False there).
+            key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
+            attn_mask = key_mask[:, None, :, None, :].expand(groups, 1, num_queries, rep, num_keys)
+            attn_mask = attn_mask.reshape(groups, 1, num_queries * rep, num_keys)
+
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)  # (G, Hkv, Lq*rep, hd)
+        out = out.view(groups, hkv, num_queries, rep, hd).permute(0, 2, 1, 3, 4).reshape(groups, num_queries, -1)
+        update = torch.tanh(self.gate) * self.o_proj(out)
+        if query_valid is not None:
+            update = torch.where(query_valid[..., None], update, torch.zeros((), dtype=update.dtype, device=update.device))
+        return update

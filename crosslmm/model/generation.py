@@ -1,0 +1,120 @@
+"""Greedy and sampled decoding for CrossLMM with two caches.
+
+The prompt (text + media) is processed once, left-padded: the vision tower, V2V and the
+T2V keys/values of every DCAL run there and only there. Each new token then runs the LLM
+with its ordinary KV cache and T2V against the side cache (`CrossAttentionCache`).
+Several return sequences of one request expand the LLM cache but share the side cache.
+
+Sampling reuses transformers' logits warpers (temperature, top-k, top-p) so the knobs
+mean what they mean everywhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.LongTensor,  # (B, L) prompts with media placeholders, left- or right-padded
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    media_num_frames: torch.Tensor | None = None,
+    vision_features: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    num_return_sequences: int = 1,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.LongTensor:
+    """Return (B * num_return_sequences, L + new) token ids: each prompt (as given, with its
+    placeholders) followed by its generated tokens, padded with `pad_token_id` after EOS."""
+    text_config = model.config.text_config
+    eos = eos_token_id if eos_token_id is not None else text_config.eos_token_id
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device, dtype=torch.long)
+    if pad_token_id is None:
+        pad_token_id = text_config.pad_token_id if text_config.pad_token_id is not None else (int(eos_ids[0]) if eos_ids.numel() else 0)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+
+    # Left padding after media expansion: every row's last position is its newest token.
+    out = model(
+        input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        media_num_frames=media_num_frames,
+        vision_features=vision_features,
+        use_cache=True,
+        logits_to_keep=1,
+        padding_side="left",
+    )
+    past, cross_cache, mask = out.past_key_values, out.cross_attention_cache, out.attention_mask
+    logits = out.logits[:, -1].float()
+    if num_return_sequences > 1:
+        past.batch_repeat_interleave(num_return_sequences)
+        mask = mask.repeat_interleave(num_return_sequences, dim=0)
+        logits = logits.repeat_interleave(num_return_sequences, dim=0)
+        if cross_cache is not None:
+            cross_cache.sequences_per_group = num_return_sequences
+
+    processors = _logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty)
+    rows = logits.shape[0]
+    prompts = input_ids.repeat_interleave(num_return_sequences, dim=0)
+    generated = torch.empty(rows, 0, dtype=torch.long, device=input_ids.device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        scores = processors(torch.cat([prompts, generated], dim=1), logits) if processors else logits
+        if do_sample:
+            next_token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+        else:
+            next_token = scores.argmax(dim=-1)
+        next_token = torch.where(finished, pad_token_id, next_token)
+        generated = torch.cat([generated, next_token[:, None]], dim=1)
+        finished |= torch.isin(next_token, eos_ids)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        out = model(
+            next_token[:, None],
+            attention_mask=mask,
+            past_key_values=past,
+            cross_attention_cache=cross_cache,
+            use_cache=True,
+        )
+        logits = out.logits[:, -1].float()
+
+    return torch.cat([prompts, generated], dim=1)
+
+
+def _logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty) -> LogitsProcessorList:
+    processors = LogitsProcessorList()
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if do_sample:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            processors.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+    return processors

@@ -1,0 +1,250 @@
+"""CrossLMMForCausalLM: frame encoder -> pooling -> projector -> LLM with DCAL layers.
+
+Read top to bottom: `__init__` assembles the parts, `encode_media` turns frames into
+pooled tokens (the LLM's input) and projected original tokens (the cross-attentions'
+keys and values), `forward` splices the pooled tokens into the text and runs the LLM
+with a `DCALContext`, `generate` (in generation.py) decodes with the LLM's KV cache
+plus the cross-attention side cache.
+
+Weight names: `vision_tower.vit.*` (the transformers vision model), `projector.*`,
+`language_model.*` (the transformers causal LM, its own names unchanged), and
+`language_model.model.layers.{i}.v2v.*` / `.t2v.*` for the cross-attentions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
+
+from crosslmm.model.configuration import CrossLMMConfig
+from crosslmm.model.cross_attention import GatedCrossAttention
+from crosslmm.model.dcal import CrossAttentionCache, DCALContext, install_dcal
+from crosslmm.model.pooling import pool_frames
+from crosslmm.model.projector import Projector
+from crosslmm.model.splice import build_layout, infer_padding_side
+from crosslmm.model.vision import VisionTower
+
+
+@dataclass
+class CrossLMMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, L' or logits_to_keep, vocab)
+    past_key_values: Cache | None = None
+    cross_attention_cache: CrossAttentionCache | None = None
+    attention_mask: torch.Tensor | None = None  # (B, L') after media expansion
+    labels: torch.Tensor | None = None  # (B, L') after media expansion
+
+
+class CrossLMMPreTrainedModel(PreTrainedModel):
+    config_class = CrossLMMConfig
+    config: CrossLMMConfig
+    base_model_prefix = "crosslmm"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DCALDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def initialize_weights(self) -> None:
+        """Zero every cross-attention gate that was not loaded from a checkpoint.
+
+        The cross-attentions live inside the LLM, whose own `_init_weights` knows nothing
+        of gates; a checkpoint without DCAL weights (a stage-1 model with T2V off, an
+        imported LLaVA-OneVision) must still start with every gate at exactly 0, and a
+        loaded gate must never be touched (`init.zeros_` skips loaded tensors)."""
+        super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, GatedCrossAttention):
+                init.zeros_(module.gate)
+
+
+class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
+    def __init__(self, config: CrossLMMConfig) -> None:
+        super().__init__(config)
+        self.vision_tower = VisionTower(config)
+        self.projector = Projector(
+            config.vision_config.hidden_size, config.text_config.hidden_size, config.projector_hidden_act
+        )
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        install_dcal(
+            self.decoder_layers, config.text_config, config.dcal_layer_indices, config.use_v2v, config.use_t2v
+        )
+        self.post_init()
+
+    # ---- plumbing transformers expects ----
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.model.layers
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        return getattr(self.config.text_config, "max_position_embeddings", None)
+
+    # ---- vision side ----
+
+    def encode_media(
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Frames -> (pooled tokens (F, g*g, D) for the LLM, original tokens (F, N, D) for
+        the cross-attentions or None when DCAL is off).
+
+        `vision_features` (F, N, Dv), precomputed by the same vision tower, replaces
+        `pixel_values` when the tower is frozen (feature cache, language-side benchmarks)."""
+        if (pixel_values is None) == (vision_features is None):
+            raise ValueError("pass exactly one of pixel_values and vision_features")
+        if vision_features is None:
+            vision_features = self.vision_tower(pixel_values)
+        expected = (self.vision_tower.tokens_per_frame, self.config.vision_config.hidden_size)
+        if vision_features.dim() != 3 or tuple(vision_features.shape[1:]) != expected:
+            raise ValueError(
+                f"vision_features must have shape (num_frames, {expected[0]}, {expected[1]}), "
+                f"got {tuple(vision_features.shape)}"
+            )
+        vision_features = vision_features.to(self.projector.linear_1.weight.dtype)
+        pooled = pool_frames(
+            vision_features,
+            self.config.vision_grid_size,
+            self.config.pooled_grid_size,
+            self.config.pooling_mode,
+            self.config.pooling_antialias,
+        )
+        originals = self.projector(vision_features) if self.config.use_dcal else None
+        return self.projector(pooled), originals
+
+    # ---- forward ----
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,  # (B, L) with one media placeholder per media item
+        attention_mask: torch.Tensor | None = None,  # (B, L); (B, past + L) when decoding
+        pixel_values: torch.Tensor | None = None,  # (F, 3, H, W): all frames of all media, in order
+        media_num_frames: torch.Tensor | None = None,  # (M,) frames per media item
+        vision_features: torch.Tensor | None = None,  # (F, N, Dv) instead of pixel_values
+        labels: torch.LongTensor | None = None,  # (B, L), -100 where no loss
+        past_key_values: Cache | None = None,
+        cross_attention_cache: CrossAttentionCache | None = None,
+        position_ids: torch.LongTensor | None = None,  # only for decode steps
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        padding_side: str | None = None,
+        **kwargs,
+    ) -> CrossLMMOutput:
+        decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+        if decoding:
+            embeds, ctx, layout_mask, layout_labels = self._decode_inputs(
+                input_ids, attention_mask, position_ids, pixel_values, vision_features, cross_attention_cache
+            )
+            attention_mask_out = attention_mask
+        else:
+            embeds, ctx, layout = self._prefill_inputs(
+                input_ids, attention_mask, labels, pixel_values, media_num_frames, vision_features,
+                use_cache=bool(use_cache), padding_side=padding_side,
+            )
+            position_ids, layout_mask, layout_labels = layout.position_ids, layout.attention_mask, layout.labels
+            attention_mask_out = layout_mask
+
+        outputs = self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=layout_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            labels=layout_labels,
+            logits_to_keep=logits_to_keep,
+            dcal_context=ctx,
+            **kwargs,
+        )
+        return CrossLMMOutput(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            cross_attention_cache=ctx.cache if ctx is not None else cross_attention_cache,
+            attention_mask=attention_mask_out,
+            labels=layout_labels,
+        )
+
+    def _prefill_inputs(self, input_ids, attention_mask, labels, pixel_values, media_num_frames, vision_features, *, use_cache, padding_side):
+        """Training and the first generation step: expand placeholders, build the DCAL context."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        has_media = pixel_values is not None or vision_features is not None
+        if media_num_frames is None:
+            if has_media:
+                raise ValueError("media_num_frames (frames of each media item) is required with pixel_values/vision_features")
+            media_num_frames = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        media_num_frames = torch.as_tensor(media_num_frames, device=input_ids.device).reshape(-1)
+        if media_num_frames.numel() and not has_media:
+            raise ValueError("media_num_frames was given without pixel_values or vision_features")
+
+        layout = build_layout(
+            input_ids,
+            attention_mask,
+            labels,
+            media_num_frames,
+            media_token_id=self.config.media_token_id,
+            pooled_tokens_per_frame=self.config.tokens_per_frame,
+            v2v_scope=self.config.v2v_scope,
+            max_length=self.max_sequence_length,
+            padding_side=padding_side or infer_padding_side(attention_mask),
+        )
+        batch, dim = input_ids.shape[0], self.config.text_config.hidden_size
+        text_embeds = self.get_input_embeddings()(input_ids).reshape(-1, dim)
+        embeds = text_embeds.new_zeros(batch * layout.length, dim)
+        embeds = embeds.index_copy(0, layout.text_target, text_embeds[layout.text_source])
+
+        ctx = None
+        if has_media:
+            pooled, originals = self.encode_media(pixel_values, vision_features)
+            num_frames = int(media_num_frames.sum())
+            if pooled.shape[0] != num_frames:
+                raise ValueError(
+                    f"got {pooled.shape[0]} frames but media_num_frames={media_num_frames.tolist()} adds up to {num_frames}"
+                )
+            embeds = embeds.index_copy(0, layout.visual_target, pooled.reshape(-1, dim).to(embeds.dtype))
+            if self.config.use_dcal:
+                cache = CrossAttentionCache(layout.frames_per_sample, originals.shape[1]) if use_cache else None
+                ctx = DCALContext(originals, originals.shape[1], layout.v2v, layout.t2v, cache)
+        return embeds.view(batch, layout.length, dim), ctx, layout
+
+    def _decode_inputs(self, input_ids, attention_mask, position_ids, pixel_values, vision_features, cache):
+        """A generation step after prefill: new text tokens only, T2V against the side cache."""
+        if pixel_values is not None or vision_features is not None:
+            raise ValueError("media can only be passed with the prompt, not in a decode step")
+        if attention_mask is None:
+            raise ValueError("decode steps need the attention_mask over past and new tokens")
+        if position_ids is None:
+            step = input_ids.shape[1]
+            position_ids = attention_mask.long().cumsum(-1)[:, -step:] - 1
+        embeds = self.get_input_embeddings()(input_ids)
+        ctx = None
+        if cache is not None and cache.has_media:
+            groups = cache.decode_groups(input_ids.shape[0], input_ids.shape[1])
+            ctx = DCALContext(None, cache.tokens_per_frame, None, groups, cache)
+        return embeds, ctx, attention_mask, None
+
+    # ---- generation ----
+
+    def generate(self, *args, **kwargs) -> torch.LongTensor:
+        from crosslmm.model.generation import generate
+
+        return generate(self, *args, **kwargs)
