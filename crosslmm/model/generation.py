@@ -42,9 +42,11 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
-) -> torch.LongTensor:
+    return_logits: bool = False,
+) -> torch.LongTensor | tuple[torch.LongTensor, torch.Tensor]:
     """Return (B * num_return_sequences, L + new) token ids: each prompt (as given, with its
-    placeholders) followed by its generated tokens, padded with `pad_token_id` after EOS."""
+    placeholders) followed by its generated tokens, padded with `pad_token_id` after EOS.
+    With `return_logits`, also the raw float32 logits of every step (rows, new, vocab)."""
     text_config = model.config.text_config
     eos = eos_token_id if eos_token_id is not None else text_config.eos_token_id
     eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device, dtype=torch.long)
@@ -79,8 +81,10 @@ def generate(
     rows = logits.shape[0]
     prompts = input_ids.repeat_interleave(num_return_sequences, dim=0)
     generated = torch.empty(rows, 0, dtype=torch.long, device=input_ids.device)
+    step_logits = []
     finished = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
+        step_logits.append(logits)
         scores = processors(torch.cat([prompts, generated], dim=1), logits) if processors else logits
         if do_sample:
             next_token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
@@ -101,7 +105,8 @@ def generate(
         )
         logits = out.logits[:, -1].float()
 
-    return torch.cat([prompts, generated], dim=1)
+    sequences = torch.cat([prompts, generated], dim=1)
+    return (sequences, torch.stack(step_logits, dim=1)) if return_logits else sequences
 
 
 def _logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty) -> LogitsProcessorList:

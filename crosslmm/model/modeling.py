@@ -151,10 +151,11 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
     ) -> CrossLMMOutput:
         decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
         if decoding:
-            embeds, ctx, layout_mask, layout_labels = self._decode_inputs(
+            embeds, ctx, position_ids = self._decode_inputs(
                 input_ids, attention_mask, position_ids, pixel_values, vision_features, cross_attention_cache
             )
-            attention_mask_out = attention_mask
+            layout_mask = attention_mask_out = attention_mask
+            layout_labels = None
         else:
             embeds, ctx, layout = self._prefill_inputs(
                 input_ids, attention_mask, labels, pixel_values, media_num_frames, vision_features,
@@ -240,7 +241,7 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         if cache is not None and cache.has_media:
             groups = cache.decode_groups(input_ids.shape[0], input_ids.shape[1])
             ctx = DCALContext(None, cache.tokens_per_frame, None, groups, cache)
-        return embeds, ctx, attention_mask, None
+        return embeds, ctx, position_ids
 
     # ---- generation ----
 

@@ -1,0 +1,1 @@
+"""Benchmarks: cost measurements that are run by command, never as timed tests."""
