@@ -37,7 +37,7 @@ REDUCED_TEXT = dict(
     hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
     vocab_size=8192, max_position_embeddings=65536, rope_theta=1000000.0, rms_norm_eps=1e-6, eos_token_id=2,
 )
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28, patch_size=4)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=56, patch_size=4)
 TINY_TEXT = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=128, max_position_embeddings=4096, eos_token_id=2,

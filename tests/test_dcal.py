@@ -95,6 +95,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain, checkpointed = grads(False), grads(True)
+    assert all(torch.isfinite(g).all() for g in plain.values())
     assert plain.keys() == checkpointed.keys()
     assert any(".t2v." in n for n in plain) and any(".v2v." in n for n in plain) and any("projector" in n for n in plain)
     for name in plain:
@@ -120,3 +121,17 @@ def test_v2v_cost_grows_linearly_with_frames_in_frame_scope():
     assert f16 == 2 * f8
     v8, v16 = _cross_attention_flops(video_scope, 8), _cross_attention_flops(video_scope, 16)
     assert v16 > 2.5 * v8  # the attention term is quadratic in frames
+
+
+def test_loss_is_next_token_cross_entropy_on_answer_tokens_only():
+    model = tiny_model()
+    set_gates(model)
+    ids = torch.tensor([[5, 6, MEDIA, 7, 8, 9, 10]])
+    labels = torch.full_like(ids, -100)
+    labels[0, 5:] = ids[0, 5:]  # the "answer": tokens 9 and 10
+    out = model(ids, pixel_values=frames(2), media_num_frames=torch.tensor([2]), labels=labels)
+    # After expansion the answer tokens sit at the last two positions; each is predicted by the one before.
+    logits = out.logits[0]
+    expected = torch.nn.functional.cross_entropy(logits[-3:-1], torch.tensor([9, 10]))
+    torch.testing.assert_close(out.loss, expected)
+    assert (out.labels[0, :-2] == -100).all() and out.labels[0, -2:].tolist() == [9, 10]

@@ -31,16 +31,27 @@ def test_cached_generation_equals_full_recomputation(model):
     torch.testing.assert_close(cached_logits, recomputed_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_cross_attention_kv_is_computed_once_per_request(model, monkeypatch):
-    calls = []
+def test_cross_attention_kv_is_computed_once_per_request_and_v2v_runs_at_prefill_only(model, monkeypatch):
+    calls = {"v2v kv": 0, "t2v kv": 0, "v2v attend": 0, "t2v attend": 0}
+
+    def count(key):
+        def hook(*args, **kwargs):
+            calls[key] += 1
+        return hook
+
     for layer in model.decoder_layers:
-        if getattr(layer, "t2v", None) is not None:
-            original = layer.t2v.project_key_value
-            monkeypatch.setattr(layer.t2v, "project_key_value", lambda o, f=original: (calls.append(o.shape), f(o))[1])
+        for kind in ("v2v", "t2v"):
+            block = getattr(layer, kind, None)
+            if block is not None:
+                block.register_forward_hook(count(f"{kind} attend"))
+                project = block.project_key_value
+                monkeypatch.setattr(block, "project_key_value", lambda o, f=project, k=kind: (count(f"{k} kv")(), f(o))[1])
     ids = torch.tensor([[5, MEDIA, 7]])
     model.generate(ids, pixel_values=frames(2), media_num_frames=torch.tensor([2]), max_new_tokens=6, eos_token_id=[])
-    t2v_layers = sum(getattr(layer, "t2v", None) is not None for layer in model.decoder_layers)
-    assert len(calls) == t2v_layers  # prefill only, never again per decoded token
+    layers = len(model.config.dcal_layer_indices)
+    assert calls["v2v kv"] == calls["t2v kv"] == layers  # K/V at prefill only, never per decoded token
+    assert calls["v2v attend"] == layers  # V2V: prefill only
+    assert calls["t2v attend"] == layers * 6  # T2V: prefill + 5 decode steps
 
 
 def _batch():

@@ -26,6 +26,11 @@ class VisionTower(nn.Module):
         if hasattr(vision_config, "vision_use_head"):
             vision_config.vision_use_head = False
         self.vit = AutoModel.from_config(vision_config)
+        if not isinstance(getattr(self.vit, "post_layernorm", None), nn.LayerNorm):
+            raise ValueError(
+                f"{type(self.vit).__name__} in this transformers version has no top-level post_layernorm; "
+                "crosslmm needs the vision model layout of transformers >= 5.6"
+            )
         self.vit.post_layernorm = nn.Identity()
         self.model_type = vision_config.model_type
         self.patch_size = vision_config.patch_size

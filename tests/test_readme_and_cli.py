@@ -1,0 +1,46 @@
+"""The README's code runs, and the commands it names work."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from crosslmm.cli import app
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_readme_python_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    assert namespace["out"].shape[0] == 1
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert commands[1] == ci
+
+
+def test_bench_efficiency_runs_end_to_end_on_a_tiny_preset(tmp_path):
+    result = CliRunner().invoke(app, [
+        "bench", "efficiency", "--preset", "tiny", "--frames", "2", "--tokens-per-frame", "1",
+        "--repeats", "1", "--decode-tokens", "2", "--out", str(tmp_path),
+    ])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "results.json").read_text())
+    models = {p["model"] for p in data["points"]}
+    assert models == {"llava-ov-layout", "crosslmm-1"}
+    by_model = {p["model"]: p for p in data["points"]}
+    assert by_model["llava-ov-layout"]["llm_tokens"] == 64 + 2 * 196
+    assert by_model["crosslmm-1"]["llm_tokens"] == 64 + 2
+    assert by_model["crosslmm-1"]["flops"]["cross_attention_v2v"] > 0
+    assert by_model["llava-ov-layout"]["flops"]["cross_attention_t2v"] == 0
+    assert "| crosslmm-1 | 2 |" in (tmp_path / "results.md").read_text()

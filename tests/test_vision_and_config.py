@@ -1,0 +1,124 @@
+"""Vision towers, pooling, presets and the supported dependency range."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+from transformers import AutoModel
+
+from conftest import MEDIA, VISION, frames, set_gates, tiny_config, tiny_model
+from crosslmm.model.pooling import pool_frames
+from crosslmm.model.vision import VisionTower
+from crosslmm.presets import preset_config
+
+
+@pytest.mark.parametrize("vision", ["siglip", "siglip2", "clip"])
+def test_every_supported_vision_encoder_runs_end_to_end(vision):
+    model = tiny_model(vision=vision)
+    set_gates(model)
+    ids = torch.tensor([[5, MEDIA, 6]])
+    out = model.generate(ids, pixel_values=frames(3), media_num_frames=torch.tensor([3]), max_new_tokens=3, eos_token_id=[])
+    assert out.shape == (1, 6)
+
+
+@pytest.mark.parametrize("vision", ["siglip", "siglip2", "clip"])
+def test_features_are_the_full_encoders_second_to_last_hidden_state(vision):
+    """The truncated tower must compute exactly what LLaVA-OneVision reads from the full one."""
+    config = tiny_config(vision=vision)
+    torch.manual_seed(0)
+    full = AutoModel.from_config(config.vision_config).eval()
+    tower = VisionTower(config).eval()
+    missing, unexpected = tower.vit.load_state_dict(full.state_dict(), strict=False)
+    assert not missing
+    px = frames(2)
+    with torch.no_grad():
+        ours = tower(px)
+        if vision == "siglip2":
+            grid, patch = 7, 4
+            patches = px.reshape(2, 3, grid, patch, grid, patch).permute(0, 2, 4, 3, 5, 1).reshape(2, grid * grid, -1)
+            hidden = full(pixel_values=patches, pixel_attention_mask=torch.ones(2, 49, dtype=torch.long),
+                          spatial_shapes=torch.tensor([[7, 7], [7, 7]]), output_hidden_states=True).hidden_states[-2]
+        else:
+            hidden = full(pixel_values=px, output_hidden_states=True).hidden_states[-2]
+            if vision == "clip":
+                hidden = hidden[:, 1:]
+    assert ours.shape == (2, 49, 32)
+    torch.testing.assert_close(ours, hidden, atol=1e-6, rtol=1e-6)
+
+
+def test_siglip2_patch_order_matches_its_image_processor():
+    from transformers.models.siglip2.image_processing_pil_siglip2 import convert_image_to_patches
+
+    image = torch.randn(3, 28, 28)
+    theirs = torch.from_numpy(convert_image_to_patches(image.numpy(), 4))
+    ours = image.reshape(1, 3, 7, 4, 7, 4).permute(0, 2, 4, 3, 5, 1).reshape(49, -1)
+    assert torch.equal(ours, theirs)
+
+
+def test_chunked_encoding_does_not_change_features():
+    a, b = tiny_config(vision_chunk_size=1), tiny_config(vision_chunk_size=64)
+    torch.manual_seed(0)
+    tower_a = VisionTower(a).eval()
+    tower_b = VisionTower(b).eval()
+    tower_b.load_state_dict(tower_a.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(tower_a(frames(5)), tower_b(frames(5)), atol=1e-6, rtol=1e-6)
+
+
+def test_pooling_modes():
+    features = torch.arange(2 * 27 * 27 * 4, dtype=torch.float32).reshape(2, 729, 4)
+    average = pool_frames(features, 27, 3, "average")
+    assert average.shape == (2, 9, 4)
+    blocks = features.view(2, 3, 9, 3, 9, 4).mean(dim=(2, 4)).reshape(2, 9, 4)
+    torch.testing.assert_close(average, blocks)
+    one = pool_frames(features, 27, 1, "bilinear", antialias=True)
+    torch.testing.assert_close(one[:, 0], features.mean(1), atol=1e-3, rtol=1e-4)  # a linear ramp: the mean
+    centre = pool_frames(features, 27, 1, "bilinear", antialias=False)
+    torch.testing.assert_close(centre[:, 0], features[:, 13 * 27 + 13])  # why antialias is the default
+    assert pool_frames(features, 27, 14, "bilinear", antialias=False).shape == (2, 196, 4)  # LLaVA-OV layout
+    assert pool_frames(features, 27, 27, "bilinear") is features
+
+
+def test_dcal_layers_of_the_paper_shapes():
+    config = preset_config("crosslmm-2b")
+    assert config.dcal_layer_indices == [3, 7, 11, 15, 19, 23, 27]
+    assert preset_config("crosslmm-2b", dcal_every_k=8).dcal_layer_indices == [7, 15, 23]
+    assert preset_config("crosslmm-2b", use_v2v=False, use_t2v=False).dcal_layer_indices == []
+    assert config.vision_grid_size == 27 and config.num_vision_layers_used == 26
+
+
+def test_2b_stage1_trainable_parameters_match_the_paper_on_the_meta_device():
+    from crosslmm import CrossLMMForCausalLM
+
+    with torch.device("meta"):
+        model = CrossLMMForCausalLM(preset_config("crosslmm-2b"))
+    count = lambda key: sum(p.numel() for n, p in model.named_parameters() if key in n)  # noqa: E731
+    v2v, projector = count(".v2v."), count("projector.")
+    assert 5.4e6 < v2v / 7 < 5.6e6  # one V2V block, method.md: about 5.5 M
+    assert 4.0e6 < projector < 4.2e6
+    assert 42e6 < v2v + projector < 44e6  # the paper's Table 3: ~43 M trainable in stage 1
+
+
+def test_baseline_is_the_same_code_path_without_dcal():
+    from crosslmm import CrossLMMConfig, CrossLMMForCausalLM
+
+    config = CrossLMMConfig.baseline(VISION["siglip"]().to_dict() | {"image_size": 56}, tiny_config().text_config, media_token_id=MEDIA)
+    model = CrossLMMForCausalLM(config).eval()
+    assert config.tokens_per_frame == 196 and not config.use_dcal
+    assert not any(".v2v." in n or ".t2v." in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        out = model(torch.tensor([[5, MEDIA, 6]]), pixel_values=frames(2, size=56), media_num_frames=torch.tensor([2]))
+    assert out.logits.shape == (1, 2 * 196 + 2, 128)
+
+
+def test_installed_transformers_is_inside_the_declared_range():
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    spec = next(d for d in pyproject["project"]["dependencies"] if d.startswith("transformers"))
+    low, high = re.fullmatch(r"transformers>=([\d.]+),<([\d.]+)", spec).groups()
+    assert Version(low) <= Version(transformers.__version__) < Version(high)
