@@ -17,6 +17,24 @@ def _int_list(text: str) -> list[int]:
     return [int(item) for item in text.split(",") if item.strip()]
 
 
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    if name not in DTYPE_NAMES:
+        raise typer.BadParameter(f"dtype must be one of {sorted(DTYPE_NAMES)}")
+    return getattr(torch, DTYPE_NAMES[name])
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
 @app.command()
 def version() -> None:
     """Print the versions that matter for reproducing a result."""
@@ -26,6 +44,70 @@ def version() -> None:
     import crosslmm
 
     typer.echo(f"crosslmm {crosslmm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
+
+
+@app.command()
+def build(
+    vision: Path = typer.Option(..., help="Local SigLIP / SigLIP2 / CLIP checkpoint directory."),
+    llm: Path = typer.Option(..., help="Local Llama-family LLM checkpoint directory, with its tokenizer."),
+    out: Path = typer.Option(..., help="Where the CrossLMM checkpoint is written."),
+    tokens_per_frame: int = typer.Option(9, help="Pooled tokens per frame (a square)."),
+    every_k: int = typer.Option(4, help="A DCAL after every K-th decoder layer."),
+    v2v_scope: str = typer.Option("frame", help="frame or video."),
+    t2v: bool = typer.Option(True, help="Build the T2V cross-attentions (stage 1 trains without them)."),
+    pooling: str = typer.Option("bilinear", help="bilinear or average."),
+    vision_feature_layer: int = typer.Option(-2, help="ViT hidden state that feeds the model."),
+    dtype: str = typer.Option(None, help="fp32, bf16 or fp16 (default: the checkpoints' own)."),
+) -> None:
+    """Assemble an untrained CrossLMM from a local vision encoder and a local LLM."""
+    from crosslmm.checkpoints import CheckpointError
+    from crosslmm.checkpoints.build import build as build_checkpoint
+
+    try:
+        path = build_checkpoint(
+            vision, llm, out, _dtype(dtype), tokens_per_frame=tokens_per_frame, dcal_every_k=every_k,
+            v2v_scope=v2v_scope, use_t2v=t2v, pooling_mode=pooling, vision_feature_layer=vision_feature_layer,
+        )
+    except (CheckpointError, ValueError) as err:
+        _fail(err)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("import-llava-ov")
+def import_llava_ov(
+    source: Path = typer.Argument(..., help="Local transformers-format LLaVA-OneVision checkpoint."),
+    out: Path = typer.Argument(..., help="Where the CrossLMM checkpoint is written."),
+    layout: str = typer.Option("llava-ov", help="llava-ov (exact LLaVA-OV computation) or crosslmm (stage-1 start)."),
+    tokens_per_frame: int = typer.Option(9, help="Tokens per frame of the crosslmm layout."),
+    dtype: str = typer.Option(None, help="fp32, bf16 or fp16 (default: the checkpoint's own)."),
+) -> None:
+    """Convert a LLaVA-OneVision checkpoint into a CrossLMM checkpoint."""
+    from crosslmm.checkpoints import CheckpointError, import_llava_onevision
+
+    try:
+        path = import_llava_onevision(source, out, layout=layout, tokens_per_frame=tokens_per_frame, dtype=_dtype(dtype))
+    except (CheckpointError, ValueError) as err:
+        _fail(err)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def params(
+    model: str = typer.Argument(..., help="A preset (crosslmm-2b, crosslmm-7b, reduced, tiny) or a checkpoint directory."),
+    stage: int = typer.Option(1, help="1: projector + V2V trainable; 2: everything, T2V on."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Parameter counts per component and the stage's trainable total (no weights loaded)."""
+    import json
+
+    from crosslmm.checkpoints import CheckpointError
+    from crosslmm.checkpoints.params import count_parameters, describe, load_config
+
+    try:
+        result = count_parameters(load_config(model), stage)
+    except (CheckpointError, ValueError) as err:
+        _fail(err)
+    typer.echo(json.dumps({"model": model, **result}, indent=2) if as_json else describe(result, model))
 
 
 @bench_app.command("efficiency")

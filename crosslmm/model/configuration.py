@@ -56,6 +56,11 @@ class CrossLMMConfig(PretrainedConfig):
         v2v_scope: "frame" (each frame's pooled tokens attend to that frame's original
             tokens) or "video" (to all original tokens of the same media item).
         projector_hidden_act: activation between the two projector linears.
+        pool_after_projector: pool the projected tokens instead of the ViT features.
+            False is the paper's order; True is LLaVA-OneVision's (the `llava-ov`
+            compatibility setting of imported checkpoints).
+        media_newline: append one learned token after every media item's visual tokens,
+            as LLaVA-OneVision does after each video.
     """
 
     model_type = "crosslmm"
@@ -76,6 +81,8 @@ class CrossLMMConfig(PretrainedConfig):
         use_t2v: bool = True,
         v2v_scope: str = "frame",
         projector_hidden_act: str = "gelu",
+        pool_after_projector: bool = False,
+        media_newline: bool = False,
         **kwargs: Any,
     ) -> None:
         self.vision_config = _as_config(vision_config, "siglip_vision_model")
@@ -91,6 +98,8 @@ class CrossLMMConfig(PretrainedConfig):
         self.use_t2v = use_t2v
         self.v2v_scope = v2v_scope
         self.projector_hidden_act = projector_hidden_act
+        self.pool_after_projector = pool_after_projector
+        self.media_newline = media_newline
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
         self.validate_crosslmm()
@@ -145,6 +154,11 @@ class CrossLMMConfig(PretrainedConfig):
         return math.isqrt(self.tokens_per_frame)
 
     @property
+    def tokens_after_media(self) -> int:
+        """Learned tokens appended after each media item's frames (LLaVA-OV's newline)."""
+        return 1 if self.media_newline else 0
+
+    @property
     def use_dcal(self) -> bool:
         return self.use_v2v or self.use_t2v
 
@@ -171,3 +185,21 @@ class CrossLMMConfig(PretrainedConfig):
         no DCAL. Used for like-for-like quality and cost comparisons."""
         kwargs = {"tokens_per_frame": 196, "use_v2v": False, "use_t2v": False, **kwargs}
         return cls(vision_config=vision_config, text_config=text_config, **kwargs)
+
+    def to_llava_ov_compatible(self) -> "CrossLMMConfig":
+        """LLaVA-OneVision's exact computation for videos: 2x2 bilinear pooling (27x27 ->
+        14x14, no antialiasing) after the projector, one newline token per video, DCAL off."""
+        options = self.to_dict()
+        options.update(tokens_per_frame=math.ceil(self.vision_grid_size / 2) ** 2, pooling_mode="bilinear",
+                       pooling_antialias=False, pool_after_projector=True, media_newline=True,
+                       use_v2v=False, use_t2v=False)
+        return CrossLMMConfig(**options)
+
+    def to_crosslmm(self, tokens_per_frame: int = 9, **overrides: Any) -> "CrossLMMConfig":
+        """The paper's CrossLMM layout (pool before projecting, g*g tokens, no newline,
+        DCAL on) from any config, e.g. an imported LLaVA-OneVision: the start of stage 1."""
+        options = self.to_dict()
+        options.update(tokens_per_frame=tokens_per_frame, pooling_antialias=True, pool_after_projector=False,
+                       media_newline=False, use_v2v=True, use_t2v=True)
+        options.update(overrides)
+        return CrossLMMConfig(**options)

@@ -63,6 +63,9 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
         for module in self.modules():
             if isinstance(module, GatedCrossAttention):
                 init.zeros_(module.gate)
+        newline = getattr(self, "media_newline", None)
+        if newline is not None:  # LLaVA-OneVision's init of its image_newline
+            init.normal_(newline, mean=0.0, std=newline.shape[0] ** -0.5)
 
 
 class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
@@ -72,6 +75,8 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         self.projector = Projector(
             config.vision_config.hidden_size, config.text_config.hidden_size, config.projector_hidden_act
         )
+        # LLaVA-OneVision's learned token after each video (`media_newline`), else absent.
+        self.media_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size)) if config.media_newline else None
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         install_dcal(
             self.decoder_layers, config.text_config, config.dcal_layer_indices, config.use_v2v, config.use_t2v
@@ -121,15 +126,16 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
                 f"got {tuple(vision_features.shape)}"
             )
         vision_features = vision_features.to(self.projector.linear_1.weight.dtype)
-        pooled = pool_frames(
-            vision_features,
-            self.config.vision_grid_size,
-            self.config.pooled_grid_size,
-            self.config.pooling_mode,
-            self.config.pooling_antialias,
-        )
-        originals = self.projector(vision_features) if self.config.use_dcal else None
-        return self.projector(pooled), originals
+        config = self.config
+
+        def pool(features: torch.Tensor) -> torch.Tensor:
+            return pool_frames(features, config.vision_grid_size, config.pooled_grid_size, config.pooling_mode, config.pooling_antialias)
+
+        if config.pool_after_projector:  # LLaVA-OneVision's order
+            projected = self.projector(vision_features)
+            return pool(projected), (projected if config.use_dcal else None)
+        originals = self.projector(vision_features) if config.use_dcal else None
+        return self.projector(pool(vision_features)), originals
 
     # ---- forward ----
 
@@ -205,6 +211,7 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
             media_token_id=self.config.media_token_id,
             pooled_tokens_per_frame=self.config.tokens_per_frame,
             v2v_scope=self.config.v2v_scope,
+            tokens_after_media=self.config.tokens_after_media,
             max_length=self.max_sequence_length,
             padding_side=padding_side or infer_padding_side(attention_mask),
         )
@@ -222,6 +229,9 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
                     f"got {pooled.shape[0]} frames but media_num_frames={media_num_frames.tolist()} adds up to {num_frames}"
                 )
             embeds = embeds.index_copy(0, layout.visual_target, pooled.reshape(-1, dim).to(embeds.dtype))
+            if self.media_newline is not None:
+                newline = self.media_newline.to(embeds.dtype).expand(layout.newline_target.numel(), dim)
+                embeds = embeds.index_copy(0, layout.newline_target, newline)
             if self.config.use_dcal:
                 cache = CrossAttentionCache(layout.frames_per_sample, originals.shape[1]) if use_cache else None
                 ctx = DCALContext(originals, originals.shape[1], layout.v2v, layout.t2v, cache)

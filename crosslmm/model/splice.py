@@ -33,6 +33,7 @@ class SequenceLayout:
     text_source: torch.Tensor  # (n_text,) flat index into the input (B*L)
     text_target: torch.Tensor  # (n_text,) flat index into the output (B*L')
     visual_target: torch.Tensor  # (F*g*g,) flat index into the output, frame-major
+    newline_target: torch.Tensor  # (M * tokens_after_media,) flat index of each media item's trailing token
     v2v: CrossAttentionGroups | None
     t2v: CrossAttentionGroups | None
     frames_per_sample: torch.Tensor  # (B,)
@@ -54,6 +55,7 @@ def build_layout(
     media_token_id: int,
     pooled_tokens_per_frame: int,  # g*g
     v2v_scope: str,
+    tokens_after_media: int = 0,  # 1: LLaVA-OV's newline after each media item
     max_length: int | None,
     padding_side: str,
 ) -> SequenceLayout:
@@ -75,8 +77,9 @@ def build_layout(
     if bool((media_num_frames < 1).any()):
         raise ValueError(f"every media item needs at least one frame, got media_num_frames={media_num_frames.tolist()}")
 
-    # Width of every input token after expansion: 1 for text, T*g2 for a placeholder, 0 for padding.
-    media_width = media_num_frames * g2
+    # Width of every input token after expansion: 1 for text, T*g2 (+ newline) for a placeholder, 0 for padding.
+    frame_width = media_num_frames * g2
+    media_width = frame_width + tokens_after_media
     width = valid.long()
     width[is_media] = media_width
     new_lengths = width.sum(dim=1)  # (B,)
@@ -99,16 +102,19 @@ def build_layout(
     text_source = torch.nonzero(is_text.reshape(-1), as_tuple=True)[0]
     text_target = target.reshape(-1)[text_source]
 
-    # Visual tokens of media m fill [start_m, start_m + T_m*g2) of its row, frame-major.
+    # Visual tokens of media m fill [start_m, start_m + T_m*g2) of its row, frame-major;
+    # a newline token, if any, follows at start_m + T_m*g2.
     media_start = target[is_media]  # (M,) in row-major placeholder order = media order
-    total_visual = int(media_width.sum())
-    first_visual_of_media = torch.cumsum(media_width, 0) - media_width
-    within = torch.arange(total_visual, device=device) - torch.repeat_interleave(first_visual_of_media, media_width)
-    visual_target = torch.repeat_interleave(media_start, media_width) + within
+    total_visual = int(frame_width.sum())
+    first_visual_of_media = torch.cumsum(frame_width, 0) - frame_width
+    within = torch.arange(total_visual, device=device) - torch.repeat_interleave(first_visual_of_media, frame_width)
+    visual_target = torch.repeat_interleave(media_start, frame_width) + within
+    newline_target = (media_start + frame_width) if tokens_after_media else media_start[:0]
 
     out_mask = torch.zeros(batch * new_length, dtype=torch.long, device=device)
     out_mask[text_target] = 1
     out_mask[visual_target] = 1
+    out_mask[newline_target] = 1
     out_mask = out_mask.view(batch, new_length)
     position_ids = (out_mask.cumsum(dim=1) - 1).masked_fill(out_mask == 0, 1)
 
@@ -136,6 +142,7 @@ def build_layout(
         text_source=text_source,
         text_target=text_target,
         visual_target=visual_target,
+        newline_target=newline_target,
         v2v=v2v,
         t2v=t2v,
         frames_per_sample=frames_per_sample,

@@ -1,0 +1,160 @@
+"""`crosslmm build`, `crosslmm import-llava-ov` and `crosslmm params` on real (tiny) checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from checkpoint_factory import make_llm, make_vision
+from conftest import frames
+from crosslmm import CrossLMMForCausalLM
+from crosslmm.cli import app
+
+
+def _cli(*args: str):
+    result = CliRunner().invoke(app, list(map(str, args)))
+    return result
+
+
+@pytest.mark.parametrize("vision, llm", [("siglip", "qwen2"), ("siglip2", "llama"), ("clip", "qwen2")])
+def test_build_reload_forward_and_generate(tmp_path, vision, llm):
+    vision_dir = make_vision(vision, tmp_path / "vision")
+    llm_dir = make_llm(llm, tmp_path / "llm", tie=(llm == "qwen2"))
+    out = tmp_path / "crosslmm"
+    result = _cli("build", "--vision", vision_dir, "--llm", llm_dir, "--out", out, "--tokens-per-frame", "4", "--every-k", "2")
+    assert result.exit_code == 0, result.output
+
+    model = CrossLMMForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    media_id = tokenizer.convert_tokens_to_ids("<media>")
+    assert model.config.media_token_id == media_id and model.config.tokens_per_frame == 4
+    assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)  # resized for the new token
+
+    # Pretrained weights arrived unchanged; new parts are fresh with closed gates.
+    source_llm = AutoModelForCausalLM.from_pretrained(llm_dir)
+    llm_state = model.language_model.state_dict()
+    for key, value in source_llm.state_dict().items():
+        if "embed_tokens" in key or "lm_head" in key:
+            assert torch.equal(llm_state[key][: value.shape[0]], value), key
+        else:
+            assert torch.equal(llm_state[key], value), key
+    source_vision = AutoModel.from_pretrained(vision_dir)
+    vit_state = model.vision_tower.vit.state_dict()
+    for key, value in source_vision.state_dict().items():
+        if key in vit_state:
+            assert torch.equal(vit_state[key], value), key
+    gates = [p.item() for n, p in model.named_parameters() if n.endswith(".gate")]
+    assert gates and all(g == 0.0 for g in gates)
+    if llm == "qwen2":  # tied embeddings stay tied through build and reload
+        assert model.language_model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<media>\nwhat colour is the square?"}], add_generation_prompt=True, tokenize=False
+    )
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    assert (ids == media_id).sum() == 1
+    logits = model(ids, pixel_values=frames(3), media_num_frames=torch.tensor([3])).logits
+    assert torch.isfinite(logits).all()
+    out_ids = model.generate(ids, pixel_values=frames(3), media_num_frames=torch.tensor([3]), max_new_tokens=4)
+    assert out_ids.shape[1] <= ids.shape[1] + 4
+    assert isinstance(tokenizer.decode(out_ids[0, ids.shape[1]:]), str)
+
+
+def test_build_detects_the_vision_type_from_config_not_from_the_path(tmp_path):
+    # A CLIP checkpoint in a directory named like SigLIP must still build a CLIP tower.
+    vision_dir = make_vision("clip", tmp_path / "siglip-so400m-patch14-384")
+    llm_dir = make_llm("qwen2", tmp_path / "llm")
+    assert _cli("build", "--vision", vision_dir, "--llm", llm_dir, "--out", tmp_path / "m").exit_code == 0
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["vision_config"]["model_type"] == "clip_vision_model"
+
+
+def test_build_errors_name_the_file(tmp_path):
+    llm_dir = make_llm("qwen2", tmp_path / "llm")
+    result = _cli("build", "--vision", tmp_path / "nowhere", "--llm", llm_dir, "--out", tmp_path / "m")
+    assert result.exit_code == 2 and "nowhere" in result.output and "does not exist" in result.output
+    (tmp_path / "empty").mkdir()
+    result = _cli("build", "--vision", tmp_path / "empty", "--llm", llm_dir, "--out", tmp_path / "m")
+    assert result.exit_code == 2 and "config.json is missing" in result.output
+    result = _cli("build", "--vision", llm_dir, "--llm", llm_dir, "--out", tmp_path / "m")
+    assert result.exit_code == 2 and "model_type='qwen2'" in result.output and "vision encoders" in result.output
+
+
+def test_build_reports_mismatched_shapes(tmp_path):
+    from crosslmm.checkpoints import CheckpointError, assemble
+    from conftest import tiny_config
+
+    state = {"projector.linear_1.weight": torch.zeros(3, 3)}
+    with pytest.raises(CheckpointError, match=r"projector.linear_1.weight: checkpoint \(3, 3\), model expects \(64, 32\)"):
+        assemble(tiny_config(), state)
+
+
+def _tiny_llava_ov(directory):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from conftest import TEXT, VISION
+
+    text = TEXT["qwen2"]()
+    config = LlavaOnevisionConfig(vision_config=VISION["siglip"](), text_config=text, image_token_id=125, video_token_id=126)
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.model.image_newline.normal_()
+    model.save_pretrained(directory)
+    return model
+
+
+def test_imported_llava_onevision_gives_the_same_logits(tmp_path):
+    reference = _tiny_llava_ov(tmp_path / "ov")
+    result = _cli("import-llava-ov", tmp_path / "ov", tmp_path / "imported")
+    assert result.exit_code == 0, result.output
+    model = CrossLMMForCausalLM.from_pretrained(tmp_path / "imported").eval()
+    assert model.config.media_newline and model.config.pool_after_projector and not model.config.use_dcal
+    assert model.config.tokens_per_frame == 16  # ceil(7 / 2) ** 2 on the tiny 7x7 grid
+
+    num_frames, video_tokens = 3, 3 * 16 + 1
+    before, after = [5, 6, 7], [8, 9, 10, 11]
+    ours_ids = torch.tensor([before + [126] + after])
+    their_ids = torch.tensor([before + [126] * video_tokens + after])
+    px = frames(num_frames)
+    with torch.no_grad():
+        ours = model(ours_ids, pixel_values=px, media_num_frames=torch.tensor([num_frames])).logits
+        theirs = reference(input_ids=their_ids, pixel_values_videos=px[None]).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_imported_llava_onevision_switches_to_the_crosslmm_layout(tmp_path):
+    _tiny_llava_ov(tmp_path / "ov")
+    assert _cli("import-llava-ov", tmp_path / "ov", tmp_path / "cl", "--layout", "crosslmm", "--tokens-per-frame", "4").exit_code == 0
+    model = CrossLMMForCausalLM.from_pretrained(tmp_path / "cl").eval()
+    config = model.config
+    assert config.tokens_per_frame == 4 and config.use_v2v and config.use_t2v and not config.media_newline
+    assert all(p.item() == 0.0 for n, p in model.named_parameters() if n.endswith(".gate"))
+    out = model.generate(torch.tensor([[5, 126, 6]]), pixel_values=frames(2), media_num_frames=torch.tensor([2]), max_new_tokens=3)
+    assert out.shape[1] <= 6
+
+
+def test_params_2b_stage1_json_matches_the_paper():
+    result = _cli("params", "crosslmm-2b", "--stage", "1", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert 42e6 < data["trainable"] < 44e6
+    assert data["components"]["gates"] == 14 and data["dcal_layers"] == [3, 7, 11, 15, 19, 23, 27]
+    text = _cli("params", "crosslmm-2b", "--stage", "1").output
+    assert "paper (Table 3" in text and "~43 M" in text
+    stage2 = json.loads(_cli("params", "crosslmm-2b", "--stage", "2", "--json").output)
+    assert stage2["trainable"] == stage2["total"] > 2e9
+
+
+def test_params_of_a_checkpoint_directory(tmp_path):
+    from conftest import tiny_model
+
+    tiny_model(use_t2v=False).save_pretrained(tmp_path)
+    stage1 = json.loads(_cli("params", str(tmp_path), "--json").output)
+    stage2 = json.loads(_cli("params", str(tmp_path), "--stage", "2", "--json").output)
+    assert stage1["components"]["t2v"] == 0 and stage2["components"]["t2v"] > 0  # stage 2 switches T2V on
+    assert _cli("params", str(tmp_path / "missing")).exit_code == 2
