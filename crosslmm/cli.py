@@ -121,14 +121,16 @@ def bench_efficiency(
     decode_tokens: int = typer.Option(8, help="Decode steps timed after the prefill."),
     language_only: bool = typer.Option(False, help="Give the LLM precomputed vision features: time the language side only."),
     threads: int = typer.Option(0, help="OMP threads per measurement (0: torch's default)."),
+    peer: bool = typer.Option(True, help="Also run transformers' LlavaOnevisionForConditionalGeneration (end to end)."),
     out: Path = typer.Option(Path("bench-out/efficiency"), help="Where results.json and results.md go."),
 ) -> None:
-    """CrossLMM vs the LLaVA-OneVision token layout: prefill/decode time, peak memory, FLOPs."""
+    """CrossLMM vs LLaVA-OneVision (its layout on our code path, and transformers' own model):
+    prefill/decode time, peak memory, FLOPs per component; writes JSON, Markdown and a Fig. 4 plot."""
     from crosslmm.bench.efficiency import run
 
     run(
         preset, _int_list(frames), _int_list(tokens_per_frame), device, dtype, repeats, decode_tokens,
-        language_only, out, threads or None, command=shlex.join(["crosslmm", *sys.argv[1:]]),
+        language_only, out, threads or None, command=shlex.join(["crosslmm", *sys.argv[1:]]), peer=peer,
     )
     typer.echo((out / "results.md").read_text())
 

@@ -36,11 +36,21 @@ def test_bench_efficiency_runs_end_to_end_on_a_tiny_preset(tmp_path):
     ])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "results.json").read_text())
-    models = {p["model"] for p in data["points"]}
-    assert models == {"llava-ov-layout", "crosslmm-1"}
     by_model = {p["model"]: p for p in data["points"]}
-    assert by_model["llava-ov-layout"]["llm_tokens"] == 64 + 2 * 196
+    assert set(by_model) == {"llava-ov-layout", "transformers-llava-ov", "crosslmm-1"}
+    # The tiny preset's 14x14 grid pools to 7x7 = 49 tokens per frame, plus one newline per video.
+    assert by_model["llava-ov-layout"]["llm_tokens"] == by_model["transformers-llava-ov"]["llm_tokens"] == 64 + 2 * 49 + 1
     assert by_model["crosslmm-1"]["llm_tokens"] == 64 + 2
+    for point in by_model.values():
+        flops = point["flops"]
+        assert flops["vision"] > 0 and flops["projector"] > 0 and flops["llm_mlp"] > 0 and flops["llm_self_attention"] > 0
+        parts = sum(v for k, v in flops.items() if k not in ("total", "language_side"))
+        assert parts <= flops["total"] * 1.0001
     assert by_model["crosslmm-1"]["flops"]["cross_attention_v2v"] > 0
     assert by_model["llava-ov-layout"]["flops"]["cross_attention_t2v"] == 0
+    # The same shapes cost the same FLOPs on our code path and in transformers' implementation, vision included.
+    ours, theirs = by_model["llava-ov-layout"]["flops"], by_model["transformers-llava-ov"]["flops"]
+    for part in ("vision", "projector", "llm_mlp", "llm_self_attention", "lm_head"):
+        assert ours[part] == theirs[part], part
     assert "| crosslmm-1 | 2 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "fig4.png").stat().st_size > 10_000
