@@ -91,6 +91,28 @@ def import_llava_ov(
     typer.echo(f"wrote {path}")
 
 
+@app.command(context_settings={"allow_extra_args": True})
+def train(
+    ctx: typer.Context,
+    recipe: Path = typer.Argument(..., help="A training recipe YAML (configs/stage1.yaml, configs/stage2.yaml)."),
+    stop_after: int = typer.Option(0, help="Stop after this many optimizer steps (after a checkpoint); the schedule is unchanged."),
+) -> None:
+    """Train a stage; `key=value` arguments override the recipe (e.g. optim.learning_rate=1e-4 resume=latest).
+    Multi-process: `torchrun --nproc_per_node N -m crosslmm train RECIPE` or `accelerate launch -m crosslmm train RECIPE`."""
+    import logging
+
+    from crosslmm.train.config import load_train_config
+    from crosslmm.train.trainer import train as run_training
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load_train_config(recipe, ctx.args)
+    except ValueError as err:
+        _fail(err)
+    final = run_training(config, stop_after=stop_after or None)
+    typer.echo(f"model: {final}")
+
+
 @app.command()
 def params(
     model: str = typer.Argument(..., help="A preset (crosslmm-2b, crosslmm-7b, reduced, tiny) or a checkpoint directory."),

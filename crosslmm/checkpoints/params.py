@@ -10,7 +10,7 @@ import torch
 
 from crosslmm.checkpoints.assemble import read_config_json
 from crosslmm.model.configuration import CrossLMMConfig
-from crosslmm.model.modeling import CrossLMMForCausalLM
+from crosslmm.model.modeling import CrossLMMForCausalLM, parameter_part
 from crosslmm.presets import PRESETS, preset_config
 
 PAPER_STAGE1_TRAINABLE_2B = 43e6  # Table 3: projector + cross-attention, CrossLMM-2B
@@ -24,17 +24,8 @@ def load_config(preset_or_dir: str) -> CrossLMMConfig:
 
 
 def component(name: str) -> str:
-    if name.endswith(".gate"):
-        return "gates"
-    if ".v2v." in name:
-        return "v2v"
-    if ".t2v." in name:
-        return "t2v"
-    if name.startswith("vision_tower."):
-        return "vision"
-    if name.startswith("projector.") or name == "media_newline":
-        return "projector"
-    return "llm"
+    """The part of `parameter_part`, with the gates counted on their own."""
+    return "gates" if name.endswith(".gate") else parameter_part(name)
 
 
 def count_parameters(config: CrossLMMConfig, stage: int) -> dict:

@@ -1,8 +1,12 @@
-"""Media input: decode videos and images to upright uint8 RGB frames sampled uniformly in
-time (`video`), and turn frames into the normalised pixel values a SigLIP/CLIP tower
-expects (`image_processing`). PyAV and PIL only: no torchvision, no ffmpeg binary."""
+"""From files to model inputs: decode videos and images to upright uint8 RGB frames
+sampled uniformly in time (`video`), normalise them as the vision tower expects
+(`image_processing`), turn conversations into token ids and labels (`processor`), and
+read LLaVA-format datasets and mixtures (`dataset`). PyAV and PIL only: no torchvision,
+no ffmpeg binary."""
 
+from crosslmm.data.dataset import DataCollator, LengthGroupedSampler, LLaVADataset, load_mixture, load_records
 from crosslmm.data.image_processing import FrameProcessor
+from crosslmm.data.processor import CrossLMMProcessor, RecordError
 from crosslmm.data.video import (
     DEFAULT_MAX_FRAMES,
     VideoClip,
@@ -19,7 +23,14 @@ from crosslmm.data.video import (
 
 __all__ = [
     "DEFAULT_MAX_FRAMES",
+    "CrossLMMProcessor",
+    "DataCollator",
     "FrameProcessor",
+    "LLaVADataset",
+    "LengthGroupedSampler",
+    "RecordError",
+    "load_mixture",
+    "load_records",
     "VideoClip",
     "VideoDecodeError",
     "apply_display_matrix",

@@ -31,6 +31,20 @@ from crosslmm.model.splice import build_layout, infer_padding_side
 from crosslmm.model.vision import VisionTower
 
 
+def parameter_part(name: str) -> str:
+    """Which part of CrossLMM a parameter belongs to: vision, projector, llm, v2v or t2v.
+    Training recipes choose trainable parts and learning rates by these names."""
+    if ".v2v." in name:
+        return "v2v"
+    if ".t2v." in name:
+        return "t2v"
+    if name.startswith("vision_tower."):
+        return "vision"
+    if name.startswith("projector.") or name == "media_newline":
+        return "projector"
+    return "llm"
+
+
 @dataclass
 class CrossLMMOutput(ModelOutput):
     loss: torch.Tensor | None = None

@@ -1,0 +1,95 @@
+"""Training recipes: a typed schema, filled from a YAML file and `key=value` overrides.
+
+OmegaConf merges the schema's defaults, the recipe file and the command line, and
+rejects unknown keys and wrong types, so a typo in a recipe fails before any data is
+read. The resolved recipe is written next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PARTS = ("vision", "projector", "llm", "v2v", "t2v")
+
+
+@dataclass
+class DataConfig:
+    train: str = "???"  # a .json/.jsonl record file or a .yaml mixture
+    media_root: str | None = None  # default: the record file's folder
+    num_frames: int = 8
+    fps: float | None = None
+    max_frames: int = 32
+    max_length: int | None = None  # default: the LLM's context
+    num_workers: int = 0
+    group_by_length: bool = True
+
+
+@dataclass
+class OptimConfig:
+    trainable: list[str] = field(default_factory=lambda: ["projector", "v2v"])
+    learning_rate: float = 1e-3
+    learning_rates: dict[str, float] = field(default_factory=dict)  # per part, e.g. {vision: 2e-6}
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    model: str = "???"  # a CrossLMM checkpoint directory (crosslmm build / import-llava-ov / a previous stage)
+    output_dir: str = "???"
+    stage: int = 1
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # CrossLMMConfig options, e.g. use_t2v: true
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 1
+    max_steps: int = -1  # optimizer steps; -1: as many as the epochs give
+    per_device_batch_size: int = 1
+    gradient_accumulation: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    feature_cache: str | None = None  # stage 1 with a frozen ViT: precomputed vision features
+    seed: int = 0
+    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    resume: str | None = None  # "latest" or a checkpoint folder
+    find_unused_parameters: bool = True  # text-only batches skip the cross-attentions
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    layers = [OmegaConf.structured(TrainConfig)]
+    try:
+        if path is not None:
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ValueError(f"the training recipe does not set {', '.join(missing)}")
+        config: TrainConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"bad training recipe {path}: {err}") from err
+    unknown = [part for part in config.optim.trainable + list(config.optim.learning_rates) if part not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown model part(s) {unknown}; parts are {PARTS}")
+    # YAML reads a bare `no` as false: accept it for "no mixed precision".
+    config.mixed_precision = {"false": "no", "none": "no"}.get(str(config.mixed_precision).lower(), config.mixed_precision)
+    if config.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
+    if config.stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {config.stage}")
+    if config.feature_cache and "vision" in config.optim.trainable:
+        raise ValueError("a feature cache needs a frozen vision tower: remove 'vision' from optim.trainable")
+    return config
+
+
+def dump_train_config(config: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

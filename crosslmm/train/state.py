@@ -1,0 +1,166 @@
+"""Training checkpoints: written atomically, read without unpickling anything.
+
+A checkpoint holds what an exact resume needs and nothing else: the trainable
+parameters (frozen ones never change, the base checkpoint has them), the optimizer and
+scheduler state, every random generator and the data position. Tensors go to
+safetensors, everything else to JSON; nothing is ever read with pickle, so a checkpoint
+from elsewhere cannot execute code.
+
+Atomicity: a checkpoint is written into a temporary sibling folder, flushed, then renamed
+into place; `latest` is a one-line file replaced atomically after the rename. A crash at
+any moment leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, python_gauss = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [version, list(internal), python_gauss]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, python_gauss = meta["python"]
+    random.setstate((version, tuple(internal), python_gauss))
+
+
+def save_checkpoint(
+    folder: Path,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    progress: dict,
+    recipe_yaml: str,
+    rank: int = 0,
+    is_main: bool = True,
+    barrier=lambda: None,
+) -> None:
+    """Write a checkpoint folder atomically. Every rank writes its own random state; the
+    main process writes the rest and renames."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    rng_tensors, rng_meta = _rng_state()
+    save_file(rng_tensors, tmp / f"rng-rank{rank}.safetensors")
+    _write_json(tmp / f"rng-rank{rank}.json", rng_meta)
+    if is_main:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        _write_json(tmp / "optimizer.json", opt_meta)
+        _write_json(tmp / "scheduler.json", {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"})
+        _write_json(tmp / "progress.json", progress)
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+    barrier()
+    if is_main:
+        for path in tmp.iterdir():
+            _fsync(path)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        _write_atomically(folder.parent / LATEST, folder.name + "\n")
+    barrier()
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore a checkpoint written by `save_checkpoint`; returns its progress dict."""
+    folder = Path(folder)
+    trainable = load_file(folder / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    unknown = [k for k in trainable if k not in params]
+    if unknown:
+        raise ValueError(f"{folder} holds parameters this model does not have: {unknown[:5]}")
+    with torch.no_grad():
+        for name, value in trainable.items():
+            params[name].copy_(value)
+    meta = json.loads((folder / "optimizer.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(folder / "optimizer.safetensors"), meta))
+    scheduler_state = json.loads((folder / "scheduler.json").read_text())
+    scheduler.load_state_dict({**scheduler.state_dict(), **scheduler_state})
+    rng_file = folder / f"rng-rank{rank}.safetensors"
+    if rng_file.exists():
+        _set_rng_state(load_file(rng_file), json.loads((folder / f"rng-rank{rank}.json").read_text()))
+    return json.loads((folder / "progress.json").read_text())
+
+
+def resolve_resume(output_dir: Path, resume: str) -> Path:
+    """`latest` -> the folder the `latest` file names; anything else is a folder path."""
+    checkpoints = Path(output_dir) / "checkpoints"
+    if resume == LATEST:
+        pointer = checkpoints / LATEST
+        if not pointer.is_file():
+            raise FileNotFoundError(f"resume=latest but {pointer} does not exist: no checkpoint was written yet")
+        return checkpoints / pointer.read_text().strip()
+    folder = Path(resume)
+    if not (folder / "progress.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a training checkpoint (no progress.json)")
+    return folder
+
+
+def prune_checkpoints(checkpoints: Path, keep: int) -> None:
+    folders = sorted(p for p in checkpoints.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in folders[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
