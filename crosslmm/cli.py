@@ -91,6 +91,22 @@ def import_llava_ov(
     typer.echo(f"wrote {path}")
 
 
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="Output folder: videos/, train.json, test.json, meta.json."),
+    n: int = typer.Option(..., "--n", help="Number of videos (3 questions each by default)."),
+    seed: int = typer.Option(0, help="Everything (scenes, questions, splits) follows from it."),
+    frames: int = typer.Option(8, help="Frames per video."),
+    size: int = typer.Option(64, help="Frame side in pixels (>= 48)."),
+    questions_per_video: int = typer.Option(3, help="Questions asked about each video."),
+) -> None:
+    """Generate the synthetic fine-grained video QA world (real mp4 files + LLaVA records)."""
+    from crosslmm.synth import write_dataset
+
+    meta = write_dataset(out, n=n, seed=seed, frames=frames, size=size, questions_per_video=questions_per_video)
+    typer.echo(f"wrote {out}: videos {meta['videos']}, questions {meta['questions']} (per-type counts in meta.json)")
+
+
 @app.command(context_settings={"allow_extra_args": True})
 def train(
     ctx: typer.Context,

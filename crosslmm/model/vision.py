@@ -23,8 +23,7 @@ class VisionTower(nn.Module):
         super().__init__()
         vision_config = copy.deepcopy(config.vision_config)
         vision_config.num_hidden_layers = config.num_vision_layers_used
-        if hasattr(vision_config, "vision_use_head"):
-            vision_config.vision_use_head = False
+        vision_config.vision_use_head = False  # SigLIP's pooling head (older configs lack the attribute)
         self.vit = AutoModel.from_config(vision_config)
         if not isinstance(getattr(self.vit, "post_layernorm", None), nn.LayerNorm):
             raise ValueError(

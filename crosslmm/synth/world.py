@@ -1,0 +1,764 @@
+"""A deterministic procedural video world with questions that need fine detail.
+
+Why it exists: CrossLMM's claim is that a few pooled tokens per frame plus cross-attention
+to the original patch tokens keep the detail that pooling alone throws away. To measure
+that on a 2-core CPU we need videos that are tiny (64x64, 8 frames) yet whose questions
+cannot be answered from a blurred summary of each frame: *which* quadrant holds *which*
+colour at *which* frame, which way a 10-pixel sprite moves, whether a sprite carries
+2-pixel stripes or dots. Every answer is computed from the scene's ground truth, and a
+question is only asked when its answer is unambiguous (exactly one object in a
+quadrant, a unique first appearance, ...).
+
+Layout of this module, top to bottom:
+
+1. vocabulary (palette, shapes, patterns, regions, question families);
+2. the scene model (`SceneObject`, `Scene`) and `generate_sample`;
+3. `render`: scene -> (T, H, W, 3) uint8 frames;
+4. facts: every question a scene can answer unambiguously, per family;
+5. records: choosing a balanced handful of facts per video and formatting them as
+   LLaVA conversations (multiple-choice A-D or one-word answers);
+6. `encode_video` (PyAV, yuv420p, near-lossless) and `write_dataset`.
+
+Frame numbering: a video is written with exactly `frames` frames at a constant rate, so
+`crosslmm.data.video.load_video(path, num_frames=frames)`, which picks the frame on
+screen at the centre of each of `frames` equal time segments, returns every frame once,
+in order. "frame k" in a question (1-based) is therefore the k-th frame the model sees.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+# --------------------------------------------------------------------------- vocabulary
+
+# Saturated, mutually distant colours: they stay recognisable after yuv420p chroma
+# subsampling and stay far from the grey background and from the black pattern marks.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 235),
+    "yellow": (240, 220, 40),
+    "white": (245, 245, 245),
+    "magenta": (220, 60, 220),
+}
+SHAPES: tuple[str, ...] = ("square", "circle", "triangle", "cross")
+PATTERNS: tuple[str, ...] = ("plain", "stripes", "dots", "checks")
+DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
+STATIC = "static"  # one-word answer for an object that does not move
+STATIC_OPTION = "does not move"  # the same answer as a multiple-choice option
+REGIONS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
+_ALL_NAMES = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES)
+FAMILIES: tuple[str, ...] = (
+    "color_at_region_time",
+    "shape_at_region_time",
+    "motion_direction",
+    "appearance_order",
+    "count",
+    "pattern",
+)
+FORMS: tuple[str, ...] = ("mc", "short")
+LETTERS = "ABCD"
+MARK_COLOR = (10, 10, 10)  # pattern marks: far from every palette colour and the background
+
+MC_SUFFIX = "Answer with the option's letter from the given choices directly."
+SHORT_SUFFIX = "Answer the question using a single word."
+
+# Sizes below are for a 64-pixel frame and scale with `size`.
+_REFERENCE_SIZE = 64
+# Sprite side in pixels, never below 10 whatever the frame size: at 8 pixels a circle
+# and a cross with arms wide enough to keep their colour through yuv420p differ by four
+# pixels (the codec's colour blocks are 2 pixels at any frame size).
+_OBJECT_SIZE = (10, 14)
+_SPEED = (4, 6)  # pixels per frame for moving objects
+_GAP = 4  # minimum empty pixels between two visible sprites (codec bleed must not join them)
+_CELL = 2  # pattern cell side
+_NOISE = 6  # background texture amplitude (grey levels)
+# Every sprite edge, pattern cell, position and step is a multiple of this: yuv420p keeps
+# one colour sample per 2x2 block, and a block straddling a sprite edge or a black
+# pattern mark washes the colour out (seen: checked green decoded as grey-green).
+_GRID = 2
+
+
+# --------------------------------------------------------------------------- scene model
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One sprite: what it looks like, when it is on screen and where.
+
+    Position is linear in the frame index, so motion is a constant cardinal velocity
+    (or none): "which direction" always has exactly one answer.
+    """
+
+    shape: str
+    color: str
+    pattern: str
+    size: int  # side of the sprite's square box, pixels
+    start: int  # first visible frame (0-based)
+    end: int  # one past the last visible frame
+    x0: int  # top-left corner at frame 0 (extrapolated when start > 0)
+    y0: int
+    dx: int  # pixels per frame
+    dy: int
+
+    @property
+    def name(self) -> str:
+        """How questions refer to it; unique within a scene."""
+        return f"{self.color} {self.shape}"
+
+    @property
+    def direction(self) -> str:
+        """Cardinal direction of motion, or `STATIC`. Image y grows downwards."""
+        if self.dx > 0:
+            return "right"
+        if self.dx < 0:
+            return "left"
+        if self.dy > 0:
+            return "down"
+        if self.dy < 0:
+            return "up"
+        return STATIC
+
+    def visible(self, t: int) -> bool:
+        return self.start <= t < self.end
+
+    def box(self, t: int) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) with exclusive ends, at frame t."""
+        x, y = self.x0 + self.dx * t, self.y0 + self.dy * t
+        return x, y, x + self.size, y + self.size
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything needed to render a video and to answer questions about it."""
+
+    size: int
+    frames: int
+    background: tuple[int, int, int]
+    texture_seed: int
+    objects: tuple[SceneObject, ...]
+
+    def visible_at(self, t: int) -> list[SceneObject]:
+        return [obj for obj in self.objects if obj.visible(t)]
+
+    def find(self, name: str) -> SceneObject:
+        return next(obj for obj in self.objects if obj.name == name)
+
+
+def region_box(region: str, size: int) -> tuple[int, int, int, int]:
+    """Pixel box (x0, y0, x1, y1), exclusive ends, of a named quadrant."""
+    half = size // 2
+    vertical, horizontal = region.split("-")
+    x0 = 0 if horizontal == "left" else half
+    y0 = 0 if vertical == "top" else half
+    return x0, y0, x0 + half, y0 + half
+
+
+def _scaled(value: int, size: int, minimum: int = 1) -> int:
+    return max(minimum, round(value * size / _REFERENCE_SIZE))
+
+
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int], margin: int = 0) -> bool:
+    return a[0] < b[2] + margin and b[0] < a[2] + margin and a[1] < b[3] + margin and b[1] < a[3] + margin
+
+
+def _inside(inner: tuple[int, int, int, int], outer: tuple[int, int, int, int]) -> bool:
+    return outer[0] <= inner[0] and outer[1] <= inner[1] and inner[2] <= outer[2] and inner[3] <= outer[3]
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def generate_sample(rng: np.random.Generator, frames: int = 8, size: int = 64) -> Scene:
+    """Draw a scene: 2-4 non-overlapping sprites with distinct (colour, shape) names,
+    some moving, some appearing or disappearing midway, one or two patterned.
+
+    Sprites are placed one by one and a placement that would touch an already placed
+    sprite in any frame where both are visible is redrawn, so no question ever has to
+    reason about occlusion. Deterministic given the generator's state.
+    """
+    if frames < 3:
+        raise ValueError(f"frames must be at least 3 (motion needs several frames), got {frames}")
+    if size < 48 or size % 2:
+        raise ValueError(f"size must be an even number >= 48 (yuv420p; room for four 10-pixel sprites), got {size}")
+    while True:
+        objects = _draw_objects(rng, frames, size)
+        if objects is not None:
+            break
+    grey = int(rng.integers(50, 67))
+    return Scene(size, frames, (grey, grey, grey), int(rng.integers(2**31)), tuple(objects))
+
+
+def _draw_objects(rng: np.random.Generator, frames: int, size: int) -> list[SceneObject] | None:
+    count = int(rng.integers(2, 5))
+    names = rng.permutation([(c, s) for c in COLORS for s in SHAPES])[:count]
+    patterned = _draw_patterns(rng, count)
+    objects: list[SceneObject] = []
+    for (color, shape), pattern in zip(names, patterned):
+        obj = _place(rng, str(shape), str(color), pattern, objects, frames, size)
+        if obj is None:
+            return None
+        objects.append(obj)
+    return objects
+
+
+def _draw_patterns(rng: np.random.Generator, count: int) -> list[str]:
+    """One or two sprites carry distinct patterns (so "which object has stripes" has a
+    single answer), the rest are plain. Every scene gets one, or "plain" would be the
+    majority answer of the pattern questions."""
+    patterns = ["plain"] * count
+    how_many = int(rng.integers(1, 3))
+    for slot, pattern in zip(rng.permutation(count)[:how_many], rng.permutation(PATTERNS[1:])):
+        patterns[int(slot)] = str(pattern)
+    return patterns
+
+
+def _draw_timing(rng: np.random.Generator, frames: int) -> tuple[int, int]:
+    """Visible interval [start, end): at least `min_visible` frames, often the whole video."""
+    min_visible = max(3, frames // 3)
+    latest = frames - min_visible
+    start = 0 if latest == 0 or rng.random() < 0.45 else int(rng.integers(1, latest + 1))
+    end = frames if rng.random() < 0.75 else int(rng.integers(start + min_visible, frames + 1))
+    return start, end
+
+
+def _grid_range(low: int, high: int) -> tuple[int, int]:
+    """[low, high] pixels as an inclusive range of grid units (at least one unit)."""
+    return max(1, math.ceil(low / _GRID)), max(1, high // _GRID)
+
+
+def _draw_velocity(rng: np.random.Generator, size: int, room: int, steps: int) -> tuple[int, int]:
+    """(dx, dy) in grid units: static (30%) or a cardinal step that keeps the sprite in
+    `room` units of travel over `steps` frames."""
+    if steps == 0 or rng.random() < 0.3:
+        return 0, 0
+    low, high = _grid_range(_scaled(_SPEED[0], size), _scaled(_SPEED[1], size))
+    speed = min(int(rng.integers(low, high + 1)), room // steps)
+    if speed < 1:
+        return 0, 0
+    return [(-speed, 0), (speed, 0), (0, -speed), (0, speed)][int(rng.integers(4))]
+
+
+def _place(
+    rng: np.random.Generator,
+    shape: str,
+    color: str,
+    pattern: str,
+    placed: Sequence[SceneObject],
+    frames: int,
+    size: int,
+    tries: int = 60,
+) -> SceneObject | None:
+    """A sprite that stays fully inside the frame (one grid unit from the border) while
+    visible and keeps `_GAP` pixels from every placed sprite; None after `tries` failed
+    draws. Geometry is drawn in grid units, then scaled to pixels."""
+    smallest = _OBJECT_SIZE[0]
+    low, high = _grid_range(_scaled(smallest, size, smallest), _scaled(_OBJECT_SIZE[1], size, smallest))
+    sides = list(range(low, high + 1))
+    if pattern != "plain":
+        sides = [u for u in sides if pattern_visible(shape, u * _GRID, pattern_cell(size))]
+        if not sides:  # no size of this shape shows the pattern: plain beats a wrong answer
+            pattern, sides = "plain", list(range(low, high + 1))
+    side = int(rng.choice(sides))
+    room = size // _GRID - side - 2  # travel room in units, one unit of margin each side
+    gap = _scaled(_GAP, size, 2)
+    for _ in range(tries):
+        start, end = _draw_timing(rng, frames)
+        dx, dy = _draw_velocity(rng, size, room, end - 1 - start)
+        # Range of the corner at `start` such that the corner at end-1 is in range too.
+        travel_x, travel_y = dx * (end - 1 - start), dy * (end - 1 - start)
+        x_start = int(rng.integers(1 + max(0, -travel_x), 1 + room - max(0, travel_x) + 1))
+        y_start = int(rng.integers(1 + max(0, -travel_y), 1 + room - max(0, travel_y) + 1))
+        candidate = SceneObject(shape, color, pattern, side * _GRID, start, end,
+                                (x_start - dx * start) * _GRID, (y_start - dy * start) * _GRID,
+                                dx * _GRID, dy * _GRID)
+        if not any(_clash(candidate, other, frames, gap) for other in placed):
+            return candidate
+    return None
+
+
+def _clash(a: SceneObject, b: SceneObject, frames: int, gap: int) -> bool:
+    return any(a.visible(t) and b.visible(t) and _overlaps(a.box(t), b.box(t), gap) for t in range(frames))
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def shape_mask(shape: str, side: int) -> np.ndarray:
+    """(side, side) bool mask of a shape drawn in its box (triangle apex up)."""
+    centre = (np.arange(side) + 0.5) - side / 2
+    y, x = np.meshgrid(centre, centre, indexing="ij")
+    if shape == "square":
+        return np.ones((side, side), dtype=bool)
+    if shape == "circle":
+        return x**2 + y**2 <= (side / 2) ** 2
+    if shape == "triangle":
+        row = np.arange(side)[:, None]
+        return np.abs(x) <= (row + 1) / 2
+    if shape == "cross":
+        # Arms at most a third of the side, starting on a grid line: an arm that straddles
+        # yuv420p colour blocks loses its colour (thin ones entirely). Never empty.
+        offset = min(_GRID * math.ceil(side / (3 * _GRID)), (side - 1) // 2)
+        arm = side - 2 * offset
+        return (np.abs(x) < arm / 2) | (np.abs(y) < arm / 2)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def pattern_mask(pattern: str, side: int, cell: int = _CELL) -> np.ndarray:
+    """(side, side) bool mask of the dark marks of a pattern, in `cell`-pixel units:
+    stripes are horizontal bands, dots a sparse grid, checks a checkerboard."""
+    row, col = np.meshgrid(np.arange(side) // cell, np.arange(side) // cell, indexing="ij")
+    if pattern == "plain":
+        return np.zeros((side, side), dtype=bool)
+    if pattern == "stripes":
+        return row % 2 == 1
+    if pattern == "dots":
+        return (row % 2 == 0) & (col % 2 == 0)
+    if pattern == "checks":
+        return (row + col) % 2 == 1
+    raise ValueError(f"unknown pattern {pattern!r}")
+
+
+def pattern_cell(size: int) -> int:
+    """Side of one pattern cell in a frame of `size` pixels (a whole number of grid units)."""
+    return _GRID * _scaled(_CELL // _GRID, size)
+
+
+def pattern_visible(shape: str, side: int, cell: int) -> bool:
+    """Whether every pattern looks different from every other on this sprite, by at least
+    four cells of marks. Patterns are anchored to the sprite's box, so on a thin cross the
+    dot grid can fall entirely between the arms; such sprites are drawn plain."""
+    inside = shape_mask(shape, side)
+    marks = [pattern_mask(pattern, side, cell) & inside for pattern in PATTERNS]
+    least = min(int((a ^ b).sum()) for i, a in enumerate(marks) for b in marks[i + 1:])
+    return least >= 4 * cell * cell
+
+
+def render(scene: Scene) -> np.ndarray:
+    """The video's frames, (T, H, W, 3) uint8 RGB.
+
+    The background carries faint static grey noise so that frames are not flat (a flat
+    frame would let the codec and the vision tower take shortcuts nobody meets in real
+    video); grey noise leaves chroma untouched, so colours stay clean.
+    """
+    noise = np.random.default_rng(scene.texture_seed).integers(-_NOISE, _NOISE + 1, (scene.size, scene.size, 1))
+    background = np.clip(np.asarray(scene.background)[None, None] + noise, 0, 255).astype(np.uint8)
+    video = np.repeat(background[None], scene.frames, axis=0)
+    cell = pattern_cell(scene.size)
+    for obj in scene.objects:
+        sprite = _sprite(obj, cell)
+        mask = shape_mask(obj.shape, obj.size)
+        for t in range(obj.start, obj.end):
+            x0, y0, x1, y1 = obj.box(t)
+            region = video[t, y0:y1, x0:x1]
+            region[mask] = sprite[mask]
+    return video
+
+
+def _sprite(obj: SceneObject, cell: int) -> np.ndarray:
+    sprite = np.empty((obj.size, obj.size, 3), dtype=np.uint8)
+    sprite[:] = COLORS[obj.color]
+    sprite[pattern_mask(obj.pattern, obj.size, cell)] = MARK_COLOR
+    return sprite
+
+
+# --------------------------------------------------------------------------- facts
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One unambiguous question about a scene.
+
+    `answer` is the correct multiple-choice option text and `distractors` the pool of
+    wrong options to draw three from (fewer than three: no multiple-choice form); the
+    first `required` of them are always shown. `short_answer` is the one-word answer
+    (None: no short form, e.g. when the answer is "red square").
+    """
+
+    family: str
+    question: str
+    answer: str
+    distractors: tuple[str, ...] = ()
+    short_answer: str | None = None
+    required: int = 0
+
+    @property
+    def forms(self) -> tuple[str, ...]:
+        forms = []
+        if len(self.distractors) >= len(LETTERS) - 1:
+            forms.append("mc")
+        if self.short_answer is not None:
+            forms.append("short")
+        return tuple(forms)
+
+    def answer_for(self, form: str) -> str:
+        """The canonical answer in a form, used to balance answers."""
+        return self.answer if form == "mc" else str(self.short_answer)
+
+
+def _fact(family: str, question: str, answer: str, vocabulary: Iterable[str], in_scene: Iterable[str] = (),
+          short: bool = True) -> Fact:
+    """A fact whose wrong options are drawn from `vocabulary`, always including the
+    values `in_scene` (other objects' colours, shapes, ...): otherwise "what colour is
+    the object top-left in frame 3" could be answered by noticing which colours the
+    video holds at all, with no need to know where or when."""
+    present = tuple(dict.fromkeys(v for v in in_scene if v != answer))
+    rest = tuple(v for v in vocabulary if v != answer and v not in present)
+    return Fact(family, question, answer, present + rest, answer if short else None, len(present))
+
+
+def _alone_in_region(scene: Scene, region: str, t: int) -> SceneObject | None:
+    """The object in `region` at frame t when exactly one visible object touches the
+    quadrant and lies entirely inside it; otherwise None (the question would be ambiguous)."""
+    box = region_box(region, scene.size)
+    touching = [obj for obj in scene.visible_at(t) if _overlaps(obj.box(t), box)]
+    if len(touching) == 1 and _inside(touching[0].box(t), box):
+        return touching[0]
+    return None
+
+
+def _region_facts(scene: Scene) -> list[Fact]:
+    facts = []
+    for t in range(scene.frames):
+        for region in REGIONS:
+            obj = _alone_in_region(scene, region, t)
+            if obj is None:
+                continue
+            where = f"in the {region} quadrant in frame {t + 1}"
+            facts.append(_fact("color_at_region_time", f"What colour is the object {where}?", obj.color,
+                               COLORS, (o.color for o in scene.objects)))
+            facts.append(_fact("shape_at_region_time", f"What shape is the object {where}?", obj.shape,
+                               SHAPES, (o.shape for o in scene.objects)))
+    return facts
+
+
+def _motion_facts(scene: Scene) -> list[Fact]:
+    options = (*DIRECTIONS, STATIC_OPTION)
+    facts = []
+    for obj in scene.objects:
+        option = STATIC_OPTION if obj.direction == STATIC else obj.direction
+        fact = _fact("motion_direction", f"Which direction does the {obj.name} move?", option, options)
+        facts.append(replace(fact, short_answer=obj.direction))  # "static", one word
+    return facts
+
+
+def _appearance_facts(scene: Scene) -> list[Fact]:
+    facts = []
+    starts = [obj.start for obj in scene.objects]
+    names = [obj.name for obj in scene.objects]
+    colors = Counter(obj.color for obj in scene.objects)
+    for word, pick in (("first", min), ("last", max)):
+        target = pick(starts)
+        if starts.count(target) != 1:
+            continue
+        obj = scene.objects[starts.index(target)]
+        facts.append(_fact("appearance_order", f"Which object appears {word} in the video?", obj.name,
+                           _ALL_NAMES, names, short=False))
+        if colors[obj.color] == 1:
+            facts.append(_fact("appearance_order", f"What colour is the object that appears {word} in the video?",
+                               obj.color, COLORS, colors))
+    for a in scene.objects:
+        for b in scene.objects:
+            if a is not b and a.start != b.start:
+                answer = "yes" if a.start < b.start else "no"
+                facts.append(Fact("appearance_order", f"Does the {a.name} appear before the {b.name}?",
+                                  answer, (), answer))
+    return facts
+
+
+def _count_facts(scene: Scene) -> list[Fact]:
+    numbers = [str(k) for k in range(6)]
+
+    def fact(question: str, count: int) -> Fact:
+        return _fact("count", question, str(count), numbers)
+
+    facts = [fact("How many objects appear in the video?", len(scene.objects))]
+    plural = {"square": "squares", "circle": "circles", "triangle": "triangles", "cross": "crosses"}
+    for shape in SHAPES:
+        facts.append(fact(f"How many {plural[shape]} appear in the video?",
+                          sum(obj.shape == shape for obj in scene.objects)))
+    for color in COLORS:
+        facts.append(fact(f"How many {color} objects appear in the video?",
+                          sum(obj.color == color for obj in scene.objects)))
+    return facts
+
+
+def _pattern_facts(scene: Scene) -> list[Fact]:
+    facts = []
+    names = [obj.name for obj in scene.objects]
+    patterns = [obj.pattern for obj in scene.objects]
+    colors = Counter(obj.color for obj in scene.objects)
+    for obj in scene.objects:
+        facts.append(_fact("pattern", f"What pattern does the {obj.name} have?", obj.pattern, PATTERNS, patterns))
+        if obj.pattern == "plain":
+            continue
+        facts.append(_fact("pattern", f"Which object has {obj.pattern}?", obj.name, _ALL_NAMES, names, short=False))
+        if colors[obj.color] == 1:
+            facts.append(_fact("pattern", f"What colour is the object with {obj.pattern}?", obj.color, COLORS, colors))
+    return facts
+
+
+def scene_facts(scene: Scene) -> list[Fact]:
+    """Every unambiguous question the scene answers, all families together."""
+    return [*_region_facts(scene), *_motion_facts(scene), *_appearance_facts(scene),
+            *_count_facts(scene), *_pattern_facts(scene)]
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class Balancer:
+    """Running counts that steer choices towards what has been used least.
+
+    Picking the least-used family, form, answer and correct-letter position (random
+    among ties) keeps every family present, letters uniform and no answer a trivial
+    majority, without rejecting scenes. One balancer per split keeps each split balanced.
+    """
+
+    families: Counter = field(default_factory=Counter)
+    forms: Counter = field(default_factory=Counter)
+    answers: Counter = field(default_factory=Counter)
+    letters: Counter = field(default_factory=Counter)
+
+    @staticmethod
+    def least_used(rng: np.random.Generator, items: Sequence, count: Callable[[object], int]):
+        ties = rng.random(len(items))
+        return items[min(range(len(items)), key=lambda i: (count(items[i]), ties[i]))]
+
+
+def make_questions(scene: Scene, rng: np.random.Generator, count: int, balancer: Balancer) -> list[dict]:
+    """Up to `count` distinct questions about `scene`, as records without id/video.
+
+    Families are spread first (least-used family among those the scene can answer),
+    then form, then answer value; a family is only repeated when the scene answers
+    fewer than `count` families.
+    """
+    remaining = scene_facts(scene)
+    records = []
+    for _ in range(count):
+        if not remaining:
+            break
+        families = sorted({fact.family for fact in remaining}, key=FAMILIES.index)
+        family = balancer.least_used(rng, families, lambda f: balancer.families[f])
+        in_family = [fact for fact in remaining if fact.family == family]
+        forms = [form for form in FORMS if any(form in fact.forms for fact in in_family)]
+        form = balancer.least_used(rng, forms, lambda f: balancer.forms[family, f])
+        candidates = [fact for fact in in_family if form in fact.forms]
+        fact = balancer.least_used(rng, candidates, lambda f: balancer.answers[family, form, f.answer_for(form)])
+        remaining.remove(fact)
+        balancer.families[family] += 1
+        balancer.forms[family, form] += 1
+        balancer.answers[family, form, fact.answer_for(form)] += 1
+        records.append(_mc_record(fact, rng, balancer) if form == "mc" else _short_record(fact))
+    return records
+
+
+def _mc_record(fact: Fact, rng: np.random.Generator, balancer: Balancer) -> dict:
+    letter = balancer.least_used(rng, list(LETTERS), lambda x: balancer.letters[fact.family, x])
+    balancer.letters[fact.family, letter] += 1
+    wanted = len(LETTERS) - 1
+    shown = list(fact.distractors[:min(fact.required, wanted)])
+    rest = fact.distractors[len(shown):]
+    shown += [rest[int(i)] for i in rng.choice(len(rest), wanted - len(shown), replace=False)]
+    options = [shown[int(i)] for i in rng.permutation(wanted)]
+    options.insert(LETTERS.index(letter), fact.answer)
+    lines = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
+    prompt = f"{fact.question}\n{lines}\n{MC_SUFFIX}"
+    return _record(fact.family, "mc", prompt, letter, options)
+
+
+def _short_record(fact: Fact) -> dict:
+    return _record(fact.family, "short", f"{fact.question}\n{SHORT_SUFFIX}", str(fact.short_answer), None)
+
+
+def _record(family: str, form: str, prompt: str, answer: str, options: list[str] | None) -> dict:
+    record: dict = {"type": family, "form": form, "answer": answer}
+    if options is not None:
+        record["options"] = options
+    record["conversations"] = [
+        {"from": "human", "value": f"<video>\n{prompt}"},
+        {"from": "gpt", "value": answer},
+    ]
+    return record
+
+
+# --------------------------------------------------------------------------- video files
+
+
+def pick_codec() -> str:
+    """H.264 when this PyAV build has an encoder for it, else MPEG-4 part 2."""
+    for name in ("libx264", "mpeg4"):
+        if name in av.codecs_available:
+            try:
+                av.codec.Codec(name, "w")
+                return name
+            except Exception:  # listed but not usable as an encoder
+                continue
+    raise RuntimeError("this PyAV build has neither libx264 nor mpeg4 encoders")
+
+
+def _codec_options(codec: str) -> dict[str, str]:
+    """Near-lossless settings (2-pixel patterns and colours must survive) whose output is
+    a function of the input alone.
+
+    x264 is run at a constant quantiser with one thread: its default CRF rate control
+    (macroblock-tree) gave a different stream for the same frames in about one encode
+    in ten, in the first encodes of a process and across processes; constant QP never
+    did in hundreds of encodes. QP 6 costs about 6 KB per 64x64x8 video.
+    """
+    if codec == "libx264":
+        return {"qp": "6", "preset": "medium", "threads": "1"}
+    return {"threads": "1"}
+
+
+_FF_QP2LAMBDA = 118  # FFmpeg's scale from quantiser to the `global_quality` lambda
+
+
+def encode_video(frames: np.ndarray, path: str | Path, fps: int = 4, codec: str | None = None) -> str:
+    """Write (T, H, W, 3) uint8 frames as an mp4 at a constant rate; returns the codec.
+
+    Frame i gets presentation time i / fps, so uniform segment-centre sampling of T
+    frames (crosslmm.data.video.load_video) returns exactly frames 0..T-1 in order.
+    """
+    codec = codec or pick_codec()
+    time_base = Fraction(1, fps)
+    height, width = frames.shape[1:3]
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=fps, options=_codec_options(codec))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.time_base = time_base
+        if codec == "mpeg4":  # a fixed quantiser rather than the default 200 kb/s
+            stream.codec_context.qscale = True
+            stream.codec_context.global_quality = 2 * _FF_QP2LAMBDA
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame.pts, frame.time_base = i, time_base
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return codec
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def video_id(index: int) -> str:
+    """File stem of video `index`; zero-padded so names sort in generation order."""
+    return f"vid{index:06d}"
+
+
+def scene_for(seed: int, index: int, frames: int = 8, size: int = 64) -> Scene:
+    """The scene of video `index` of a dataset with `seed`: independent of n, so a
+    smaller dataset's videos are a prefix of a larger one's."""
+    return generate_sample(np.random.default_rng([seed, 0, index]), frames, size)
+
+
+def split_indices(n: int, seed: int, splits: Mapping[str, float]) -> dict[str, list[int]]:
+    """Assign whole videos to splits (so no video is in two), sizes by largest remainder."""
+    if any(share < 0 for share in splits.values()) or not sum(splits.values()) > 0:
+        raise ValueError(f"split shares must be non-negative with a positive sum, got {dict(splits)}")
+    total = sum(splits.values())
+    exact = {name: n * share / total for name, share in splits.items()}
+    sizes = {name: math.floor(value) for name, value in exact.items()}
+    by_remainder = sorted(splits, key=lambda name: (-(exact[name] - sizes[name]), list(splits).index(name)))
+    for name in by_remainder[: n - sum(sizes.values())]:
+        sizes[name] += 1
+    order = np.random.default_rng([seed, 2]).permutation(n).tolist()
+    result, offset = {}, 0
+    for name in splits:
+        result[name] = sorted(order[offset: offset + sizes[name]])
+        offset += sizes[name]
+    return result
+
+
+def write_dataset(
+    out_dir: str | Path,
+    n: int,
+    seed: int,
+    frames: int = 8,
+    size: int = 64,
+    splits: Mapping[str, float] | None = None,
+    questions_per_video: int = 3,
+    fps: int = 4,
+) -> dict:
+    """Write `n` videos and their questions; returns the metadata also saved as meta.json.
+
+    Layout: `videos/<id>.mp4`, one `<split>.json` list of LLaVA records per split, and
+    `meta.json` (parameters, codec, counts per split / type / form, correct-letter and
+    answer histograms).
+    Everything is a function of (n, seed, frames, size, splits, questions_per_video, fps):
+    scenes and questions draw from generators seeded by (seed, purpose, index) only.
+    """
+    splits = dict(splits or {"train": 0.9, "test": 0.1})
+    _check_int("n", n, 0)
+    _check_int("questions_per_video", questions_per_video, 1)
+    _check_int("fps", fps, 1)
+    generate_sample(np.random.default_rng(0), frames, size)  # rejects bad frames/size before writing
+    out_dir = Path(out_dir)
+    (out_dir / "videos").mkdir(parents=True, exist_ok=True)
+    codec = pick_codec()
+    meta: dict = {
+        "generator": "crosslmm.synth.world",
+        "params": {"n": n, "seed": seed, "frames": frames, "size": size, "splits": splits,
+                   "questions_per_video": questions_per_video, "fps": fps},
+        "codec": codec, "pix_fmt": "yuv420p", "families": list(FAMILIES),
+        "videos": {}, "questions": {}, "counts": {}, "letters": {}, "answers": {},
+    }
+    for split, indices in split_indices(n, seed, splits).items():
+        records = _write_split(out_dir, indices, seed, frames, size, questions_per_video, fps, codec)
+        (out_dir / f"{split}.json").write_text(json.dumps(records, indent=1) + "\n")
+        meta["videos"][split] = len(indices)
+        meta["questions"][split] = len(records)
+        meta["counts"][split] = _histogram(records, lambda r: (r["type"], r["form"]))
+        multiple_choice = [r for r in records if r["form"] == "mc"]
+        meta["letters"][split] = _histogram(multiple_choice, lambda r: (r["type"], r["answer"]))
+        meta["answers"][split] = _histogram(records, lambda r: (r["type"], r["form"], answer_text(r)))
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _write_split(out_dir: Path, indices: Sequence[int], seed: int, frames: int, size: int,
+                 questions_per_video: int, fps: int, codec: str) -> list[dict]:
+    balancer = Balancer()
+    records = []
+    for index in indices:
+        scene = scene_for(seed, index, frames, size)
+        vid = video_id(index)
+        encode_video(render(scene), out_dir / "videos" / f"{vid}.mp4", fps, codec)
+        questions = make_questions(scene, np.random.default_rng([seed, 1, index]), questions_per_video, balancer)
+        for j, question in enumerate(questions):
+            records.append({"id": f"{vid}_q{j}", "video": f"videos/{vid}.mp4", **question})
+    return records
+
+
+def answer_text(record: dict) -> str:
+    """The answer as words: the chosen option's text for multiple choice."""
+    if record["form"] == "mc":
+        return record["options"][LETTERS.index(record["answer"])]
+    return record["answer"]
+
+
+def _histogram(records: Iterable[dict], key: Callable[[dict], tuple[str, ...]]) -> dict:
+    """Nested counts, keys in sorted order so meta.json is byte-stable."""
+    counts = Counter(key(record) for record in records)
+    tree: dict = {}
+    for path in sorted(counts):
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = counts[path]
+    return tree
