@@ -73,6 +73,26 @@ def build(
     typer.echo(f"wrote {path}")
 
 
+@app.command("init")
+def init_model(
+    out: Path = typer.Option(..., help="Where the randomly initialised checkpoint is written."),
+    preset: str = typer.Option("tiny", help="Model shapes: tiny, reduced, crosslmm-2b, crosslmm-7b."),
+    corpus: list[Path] = typer.Option(..., help="LLaVA-format record files whose text trains the tokenizer."),
+    vocab_size: int = typer.Option(1024, help="BPE vocabulary size (specials included)."),
+    seed: int = typer.Option(0, help="Weight initialisation seed."),
+    tokens_per_frame: int = typer.Option(0, help="Override the preset's tokens per frame (0: keep)."),
+) -> None:
+    """A from-scratch CrossLMM: preset shapes, random weights, a tokenizer trained on your data."""
+    from crosslmm.checkpoints.scratch import corpus_from_records, init_from_scratch
+
+    overrides = {"tokens_per_frame": tokens_per_frame} if tokens_per_frame else {}
+    try:
+        path = init_from_scratch(preset, out, corpus_from_records(corpus), vocab_size, seed, **overrides)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo(f"wrote {path}")
+
+
 @app.command("import-llava-ov")
 def import_llava_ov(
     source: Path = typer.Argument(..., help="Local transformers-format LLaVA-OneVision checkpoint."),

@@ -5,16 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from crosslmm.checkpoints.scratch import train_tokenizer
 
 from conftest import TEXT, VISION
 
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
     "a red square moves to the left while a blue circle stays still",
     "what colour is the object in the top left corner at the start of the video",
@@ -25,18 +21,11 @@ CORPUS = [
 
 
 def make_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained here, with ChatML specials and chat template (Qwen's convention)."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
-    )
-    fast.chat_template = CHATML
-    fast.save_pretrained(directory)
-    return fast
+    """The library's from-scratch tokenizer (byte-level BPE, ChatML) without the media
+    token, as a stock LLM's tokenizer would be: building adds it."""
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300, media_token=False)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
 
 
 def make_vision(kind: str, directory: Path, seed: int = 0) -> Path:

@@ -39,12 +39,13 @@ def test_llm_part_equals_the_unmodified_transformers_decoder(text):
 
     inputs = _inputs()
     with torch.no_grad():
-        embeds, _, layout = crosslmm._prefill_inputs(
+        spliced = crosslmm._prefill_inputs(
             inputs["input_ids"], None, None, inputs["pixel_values"], inputs["media_num_frames"], None,
             use_cache=False, padding_side=None,
         )
         ours = crosslmm(**inputs).logits
-        theirs = stock(inputs_embeds=embeds, attention_mask=layout.attention_mask, position_ids=layout.position_ids).logits
+        theirs = stock(inputs_embeds=spliced.embeds, attention_mask=spliced.attention_mask,
+                       position_ids=spliced.position_ids).logits
     assert torch.equal(ours, theirs)
 
 

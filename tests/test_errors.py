@@ -72,9 +72,33 @@ def test_media_in_a_decode_step(model):
               pixel_values=frames(1), media_num_frames=torch.tensor([1]))
 
 
+def test_decode_step_without_the_cross_attention_cache(model):
+    prefill = model(torch.tensor([[5, MEDIA]]), pixel_values=frames(1), media_num_frames=torch.tensor([1]), use_cache=True)
+    mask = torch.ones(1, prefill.attention_mask.shape[1] + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="needs the cross_attention_cache"):
+        model(torch.tensor([[6]]), attention_mask=mask, past_key_values=prefill.past_key_values)
+
+
+def test_text_only_prompt_still_hands_out_a_cross_attention_cache(model):
+    out = model(torch.tensor([[5, 6, 7]]), use_cache=True)
+    assert out.cross_attention_cache is not None and not out.cross_attention_cache.has_media
+    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, eos_token_id=[]).shape == (1, 6)
+
+
+def test_generate_argument_errors(model):
+    ids = torch.tensor([[5, 6]])
+    with pytest.raises(ValueError, match="identical copies"):
+        model.generate(ids, num_return_sequences=2)
+    with pytest.raises(ValueError, match="num_return_sequences must be >= 1"):
+        model.generate(ids, num_return_sequences=0, do_sample=True)
+    assert model.generate(ids, max_new_tokens=2, eos_token_id=torch.tensor(2)).shape[0] == 1
+
+
 @pytest.mark.parametrize(
     "option, message",
     [
+        (dict(dcal_every_k=5), "leaves no DCAL layer"),
+        (dict(media_token_id=500), "outside the LLM's vocabulary"),
         (dict(tokens_per_frame=8), "square number"),
         (dict(tokens_per_frame=64), "larger than the vision encoder"),
         (dict(pooling_mode="max"), "pooling_mode"),

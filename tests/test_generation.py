@@ -122,8 +122,10 @@ def test_return_sequences_share_the_request_cache():
     set_gates(model)
     ids, px, nf = torch.tensor([[5, MEDIA, 6, 7]]), frames(3), torch.tensor([3])
     one, one_logits = model.generate(ids, pixel_values=px, media_num_frames=nf, max_new_tokens=6, eos_token_id=[], return_logits=True)
+    # top_k=1 sampling is greedy decoding, run as 3 sequences over one shared side cache.
     three, three_logits = model.generate(
-        ids, pixel_values=px, media_num_frames=nf, max_new_tokens=6, eos_token_id=[], num_return_sequences=3, return_logits=True
+        ids, pixel_values=px, media_num_frames=nf, max_new_tokens=6, eos_token_id=[], num_return_sequences=3,
+        do_sample=True, top_k=1, return_logits=True,
     )
     assert three.shape[0] == 3 and all(torch.equal(row, one[0]) for row in three)
     torch.testing.assert_close(three_logits, one_logits.expand_as(three_logits), atol=1e-5, rtol=1e-5)

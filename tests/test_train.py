@@ -116,6 +116,24 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(workspace, tmp_p
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
+    # Resuming with another batch layout would not continue the same run: refused.
+    args = _args(workspace, "stage1.yaml", split, max_steps=8, epochs=2, resume="latest", per_device_batch_size=1)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "global batch" in str(result.exception)
+
+
+def test_an_empty_micro_batch_still_runs_forward_and_backward_with_zero_loss(workspace):
+    from accelerate import Accelerator
+
+    from crosslmm import CrossLMMForCausalLM
+    from crosslmm.train.trainer import forward_backward
+
+    model = CrossLMMForCausalLM.from_pretrained(workspace / "init").train()
+    loss = forward_backward(model, None, global_tokens=10, world=1, accelerator=Accelerator(cpu=True), pad_token_id=0)
+    assert loss.item() == 0.0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.count_nonzero(g) == 0 for g in grads)  # a real backward, contributing nothing
+
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(workspace, tmp_path):
     single, double = tmp_path / "single", tmp_path / "double"

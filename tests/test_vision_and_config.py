@@ -122,3 +122,13 @@ def test_installed_transformers_is_inside_the_declared_range():
     spec = next(d for d in pyproject["project"]["dependencies"] if d.startswith("transformers"))
     low, high = re.fullmatch(r"transformers>=([\d.]+),<([\d.]+)", spec).groups()
     assert Version(low) <= Version(transformers.__version__) < Version(high)
+
+
+def test_chunked_projection_without_autograd_equals_the_plain_projection():
+    model = tiny_model(vision_chunk_size=2)
+    features = torch.randn(5, 49, 32)
+    plain = model.projector(features)
+    with torch.no_grad():
+        chunked = model.project_frames(features)
+    torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-6)
+    assert model.project_frames(features).requires_grad  # with autograd: the plain path

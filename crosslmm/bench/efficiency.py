@@ -4,7 +4,8 @@ Three models, random weights at a preset's shapes, one prompt of `PROMPT_TOKENS`
 tokens around one video:
 - `crosslmm-<g*g>`: CrossLMM, g*g pooled tokens per frame, DCAL every K layers;
 - `llava-ov-layout`: the same code path computing LLaVA-OneVision (the `llava-ov`
-  compatibility config: last ViT layer, 2x2 bilinear pooling after the projector, i.e.
+  compatibility config: the ViT depth of released LLaVA-OV checkpoints, which drop
+  SigLIP's last layer, 2x2 bilinear pooling after the projector, i.e.
   196 tokens per frame at 27x27, one newline per video, no DCAL): the like-for-like
   comparison of the two architectures;
 - `transformers-llava-ov`: transformers' own `LlavaOnevisionForConditionalGeneration`
@@ -14,9 +15,12 @@ tokens around one video:
 Every (model, frame count) point runs in a fresh subprocess so one measurement's
 allocations cannot inflate another's peak. Per point: prefill latency (median of
 repeats after a warm-up) and, end to end, the vision tower's share of it; decode
-latency per token with the caches; peak memory of the prefill beyond what was resident
-before it (weights and inputs), and that resident size (CUDA: allocator statistics; CPU:
-the process's resident set, its peak reset through /proc/self/clear_refs); FLOPs per
+latency per token with the caches; peak memory of the process's first prefill beyond
+what was resident before it (weights and inputs), and that resident size (CUDA: allocator
+statistics; CPU: the resident set, its peak reset through /proc/self/clear_refs; measured
+first because memory freed by earlier runs stays resident and would hide the peak; a
+fixed glibc mmap threshold would make RSS exact but slowed prefill by up to 2x here, so
+timings and memory come from the same unmodified process); FLOPs per
 component (torch's FlopCounterMode, CPU attention counted by crosslmm.bench.flops).
 """
 
@@ -143,11 +147,15 @@ def _transformers_llava_ov_subject(config, frames: int, device, dtype) -> Subjec
 
 
 def _subject(preset: str, variant: str, tokens_per_frame: int, frames: int, language_only: bool, device, dtype) -> Subject:
-    if variant == LAYOUT:  # LLaVA-OV's computation (last ViT layer, 2x2 pooling, newline) on our code path
-        config = preset_config(preset, vision_feature_layer=-1).to_llava_ov_compatible()
+    # Released LLaVA-OV checkpoints keep a SigLIP tower with its last layer removed and read
+    # its output: the same ViT depth as CrossLMM's second-to-last layer of the full tower.
+    if variant == LAYOUT:  # LLaVA-OV's computation (2x2 pooling after the projector, newline) on our code path
+        config = preset_config(preset, vision_feature_layer=-2).to_llava_ov_compatible()
         return _crosslmm_subject(config, frames, language_only, device, dtype)
     if variant == PEER:
-        return _transformers_llava_ov_subject(preset_config(preset, vision_feature_layer=-1), frames, device, dtype)
+        config = preset_config(preset, vision_feature_layer=-1)
+        config.vision_config.num_hidden_layers -= 1
+        return _transformers_llava_ov_subject(config, frames, device, dtype)
     return _crosslmm_subject(preset_config(preset, tokens_per_frame=tokens_per_frame), frames, language_only, device, dtype)
 
 
@@ -228,31 +236,33 @@ def measure_point(
     dev, dt = torch.device(device), DTYPES[dtype]
     subject = _subject(preset, variant, tokens_per_frame, frames, language_only, dev, dt)
     with torch.inference_mode():
-        warm = subject.prefill()
-        llm_tokens = subject.prefill_mask(warm).shape[1]
-        del warm
-        times = _timed_ms(subject.prefill, dev, repeats)
-        vision_ms = statistics.median(_timed_ms(subject.vision, dev, repeats)) if subject.vision else None
-
+        # Memory first, on the process's first prefill: allocations freed by earlier runs
+        # would stay resident (the allocator keeps them) and hide part of the peak.
         resident = _resident_mb(dev)
         _reset_peak(dev)
         out = subject.prefill()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         peak = _peak_mb(dev) - resident
+        llm_tokens = subject.prefill_mask(out).shape[1]
 
         mask = subject.prefill_mask(out)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
 
-        def decode():
+        def decode(steps: int) -> None:
             nonlocal mask, token
-            for _ in range(decode_tokens):
+            for _ in range(steps):
                 mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
                 step = subject.decode_step(out, token, mask)
                 token = step.logits[:, -1].argmax(-1, keepdim=True)
 
-        decode_ms = _timed_ms(decode, dev, 1)[0] / max(decode_tokens, 1)
+        decode(1)  # warm-up
+        decode_ms = _timed_ms(lambda: decode(decode_tokens), dev, 1)[0] / max(decode_tokens, 1)
         del out
+
+        subject.prefill()  # warm-up for the timings
+        times = _timed_ms(subject.prefill, dev, repeats)
+        vision_ms = statistics.median(_timed_ms(subject.vision, dev, repeats)) if subject.vision else None
         with flop_counter(depth=100) as counter:
             subject.prefill()
     return Point(
@@ -349,7 +359,8 @@ def markdown_table(points: list[Point], meta: dict) -> str:
 
 
 def plot(points: list[Point], meta: dict, path: Path) -> None:
-    """Memory, FLOPs and prefill time against frames, with CrossLMM's reduction vs the layout."""
+    """Memory, FLOPs and prefill time against frames, with CrossLMM's reduction vs the
+    layout written next to one CrossLMM curve (9 tokens per frame when measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -365,8 +376,10 @@ def plot(points: list[Point], meta: dict, path: Path) -> None:
             values = [p.flops["total"] / 1e12 if key == "flops" else getattr(p, key) for p in series]
             axis.plot([p.frames for p in series], values, marker="o", label=model)
         reference = {p.frames: p for p in points if p.model == LAYOUT}
+        crosslmm_models = [m for m in models if m.startswith("crosslmm")]
+        annotated = "crosslmm-9" if "crosslmm-9" in crosslmm_models else (crosslmm_models or [None])[0]
         for p in points:
-            if p.model.startswith("crosslmm") and p.frames in reference:
+            if p.model == annotated and p.frames in reference:
                 ref = reference[p.frames]
                 value = p.flops["total"] / 1e12 if key == "flops" else getattr(p, key)
                 base = ref.flops["total"] / 1e12 if key == "flops" else getattr(ref, key)
@@ -383,6 +396,14 @@ def plot(points: list[Point], meta: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def replot(results_json: Path) -> Path:
+    """Redraw fig4.png from a results.json (no measurement)."""
+    data = json.loads(Path(results_json).read_text())
+    path = Path(results_json).with_name("fig4.png")
+    plot([Point(**p) for p in data["points"]], data["meta"], path)
+    return path
 
 
 if __name__ == "__main__":  # one measurement in a fresh process: `python -m crosslmm.bench.efficiency '<json args>'`

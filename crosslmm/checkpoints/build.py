@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, S
 
 from crosslmm.checkpoints.assemble import CheckpointError, assemble, read_config_json
 from crosslmm.model.configuration import CrossLMMConfig
+from crosslmm.model.modeling import parameter_part
 
 MEDIA_TOKEN = "<media>"
 # config.json model_type -> the vision-only class; full dual-encoder checkpoints
@@ -95,12 +96,8 @@ def build(
 
 
 def _check_loaded(model, state: dict[str, torch.Tensor]) -> None:
-    """Every pretrained tensor the model has must have come from the checkpoints."""
+    """Every pretrained tensor the model has (vision tower, LLM) must have come from the checkpoints."""
     own = set(model.state_dict())
-    missing = sorted(k for k in own if k not in state and not _is_new_part(k))
+    missing = sorted(k for k in own if k not in state and parameter_part(k) in ("vision", "llm"))
     if missing:
         raise CheckpointError("these weights were not found in the checkpoints: " + ", ".join(missing[:10]))
-
-
-def _is_new_part(key: str) -> bool:
-    return key.startswith("projector.") or ".v2v." in key or ".t2v." in key or key == "media_newline"

@@ -37,8 +37,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from crosslmm.data.image_processing import FrameProcessor
 from crosslmm.data.video import DEFAULT_MAX_FRAMES, VideoClip, VideoDecodeError, load_media
 from crosslmm.model.configuration import CrossLMMConfig
+from crosslmm.model.splice import IGNORE_INDEX  # one definition, shared with the model
 
-IGNORE_INDEX = -100
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 # Placeholder spellings accepted in text: LLaVA's two and our own token.

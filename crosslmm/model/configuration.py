@@ -133,6 +133,14 @@ class CrossLMMConfig(PretrainedConfig):
             )
         if self.vision_chunk_size < 1:
             raise ValueError(f"vision_chunk_size must be >= 1, got {self.vision_chunk_size}")
+        if self.use_dcal and not self.dcal_layer_indices:
+            raise ValueError(
+                f"dcal_every_k={self.dcal_every_k} leaves no DCAL layer in a {self.text_config.num_hidden_layers}-layer "
+                "LLM; lower it or switch use_v2v/use_t2v off for a pooled-only model"
+            )
+        vocab = self.text_config.vocab_size
+        if self.media_token_id is not None and not 0 <= self.media_token_id < vocab:
+            raise ValueError(f"media_token_id={self.media_token_id} is outside the LLM's vocabulary of {vocab}")
 
     # ---- derived quantities (never stored, so they cannot disagree with the options) ----
 

@@ -42,8 +42,8 @@ class GatedCrossAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=False)
-        # A learnable scalar; zero means "this block is off". Its init lives in
-        # `CrossLMMPreTrainedModel._init_weights` too, for checkpoints that lack it.
+        # A learnable scalar; zero means "this block is off". For checkpoints that lack it,
+        # `CrossLMMPreTrainedModel.initialize_weights` sets it to zero again.
         self.gate = nn.Parameter(torch.zeros(1))
 
     def project_key_value(self, originals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,11 +49,15 @@ def generate(
     With `return_logits`, also the raw float32 logits of every step (rows, new, vocab)."""
     text_config = model.config.text_config
     eos = eos_token_id if eos_token_id is not None else text_config.eos_token_id
-    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device, dtype=torch.long)
+    eos_ids = torch.as_tensor([] if eos is None else eos, device=input_ids.device, dtype=torch.long).reshape(-1)
     if pad_token_id is None:
         pad_token_id = text_config.pad_token_id if text_config.pad_token_id is not None else (int(eos_ids[0]) if eos_ids.numel() else 0)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
+    if num_return_sequences > 1 and not do_sample:
+        raise ValueError("num_return_sequences > 1 with greedy decoding would return identical copies; set do_sample=True")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
 

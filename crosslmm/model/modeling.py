@@ -14,6 +14,7 @@ Weight names: `vision_tower.vit.*` (the transformers vision model), `projector.*
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -43,6 +44,16 @@ def parameter_part(name: str) -> str:
     if name.startswith("projector.") or name == "media_newline":
         return "projector"
     return "llm"
+
+
+class LLMInputs(NamedTuple):
+    """What the language model is called with, after media expansion (prefill) or for one decode step."""
+
+    embeds: torch.Tensor  # (B, L', D)
+    attention_mask: torch.Tensor  # (B, L'); (B, past + L) when decoding
+    position_ids: torch.Tensor
+    labels: torch.Tensor | None  # (B, L'), -100 at visual tokens and padding
+    dcal_context: DCALContext | None
 
 
 @dataclass
@@ -146,10 +157,24 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
             return pool_frames(features, config.vision_grid_size, config.pooled_grid_size, config.pooling_mode, config.pooling_antialias)
 
         if config.pool_after_projector:  # LLaVA-OneVision's order
-            projected = self.projector(vision_features)
+            projected = self.project_frames(vision_features)
             return pool(projected), (projected if config.use_dcal else None)
-        originals = self.projector(vision_features) if config.use_dcal else None
+        originals = self.project_frames(vision_features) if config.use_dcal else None
         return self.projector(pool(vision_features)), originals
+
+    def project_frames(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """(F, N, Dv) -> (F, N, D). Without autograd, frames are projected in chunks into
+        one preallocated tensor: the projector's hidden activations (twice the size of
+        its output) then exist for one chunk at a time, which is what bounds the prefill's
+        peak memory on long videos. With autograd every activation is kept anyway."""
+        if torch.is_grad_enabled():
+            return self.projector(vision_features)
+        num_frames, num_tokens, _ = vision_features.shape
+        out = vision_features.new_empty(num_frames, num_tokens, self.config.text_config.hidden_size)
+        step = self.config.vision_chunk_size
+        for start in range(0, num_frames, step):
+            out[start:start + step] = self.projector(vision_features[start:start + step])
+        return out
 
     # ---- forward ----
 
@@ -171,40 +196,38 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
     ) -> CrossLMMOutput:
         decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
         if decoding:
-            embeds, ctx, position_ids = self._decode_inputs(
+            inputs = self._decode_inputs(
                 input_ids, attention_mask, position_ids, pixel_values, vision_features, cross_attention_cache
             )
-            layout_mask = attention_mask_out = attention_mask
-            layout_labels = None
         else:
-            embeds, ctx, layout = self._prefill_inputs(
+            inputs = self._prefill_inputs(
                 input_ids, attention_mask, labels, pixel_values, media_num_frames, vision_features,
                 use_cache=bool(use_cache), padding_side=padding_side,
             )
-            position_ids, layout_mask, layout_labels = layout.position_ids, layout.attention_mask, layout.labels
-            attention_mask_out = layout_mask
-
         outputs = self.language_model(
-            inputs_embeds=embeds,
-            attention_mask=layout_mask,
-            position_ids=position_ids,
+            inputs_embeds=inputs.embeds,
+            attention_mask=inputs.attention_mask,
+            position_ids=inputs.position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
-            labels=layout_labels,
+            labels=inputs.labels,
             logits_to_keep=logits_to_keep,
-            dcal_context=ctx,
+            dcal_context=inputs.dcal_context,
             **kwargs,
         )
+        ctx = inputs.dcal_context
         return CrossLMMOutput(
             loss=outputs.loss,
             logits=outputs.logits,
             past_key_values=outputs.past_key_values,
             cross_attention_cache=ctx.cache if ctx is not None else cross_attention_cache,
-            attention_mask=attention_mask_out,
-            labels=layout_labels,
+            attention_mask=inputs.attention_mask,
+            labels=inputs.labels,
         )
 
-    def _prefill_inputs(self, input_ids, attention_mask, labels, pixel_values, media_num_frames, vision_features, *, use_cache, padding_side):
+    def _prefill_inputs(
+        self, input_ids, attention_mask, labels, pixel_values, media_num_frames, vision_features, *, use_cache, padding_side
+    ) -> LLMInputs:
         """Training and the first generation step: expand placeholders, build the DCAL context."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
@@ -216,6 +239,12 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         media_num_frames = torch.as_tensor(media_num_frames, device=input_ids.device).reshape(-1)
         if media_num_frames.numel() and not has_media:
             raise ValueError("media_num_frames was given without pixel_values or vision_features")
+        if has_media:
+            given = (pixel_values if pixel_values is not None else vision_features).shape[0]
+            if given != int(media_num_frames.sum()):
+                raise ValueError(
+                    f"got {given} frames but media_num_frames={media_num_frames.tolist()} adds up to {int(media_num_frames.sum())}"
+                )
 
         layout = build_layout(
             input_ids,
@@ -234,24 +263,25 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         embeds = text_embeds.new_zeros(batch * layout.length, dim)
         embeds = embeds.index_copy(0, layout.text_target, text_embeds[layout.text_source])
 
+        # Decoding reads T2V keys from this cache; a prompt without media gets an empty one
+        # so every decode step can insist on receiving it.
+        cache = None
+        if use_cache and self.config.use_t2v:
+            cache = CrossAttentionCache(layout.frames_per_sample, self.vision_tower.tokens_per_frame)
         ctx = None
         if has_media:
             pooled, originals = self.encode_media(pixel_values, vision_features)
-            num_frames = int(media_num_frames.sum())
-            if pooled.shape[0] != num_frames:
-                raise ValueError(
-                    f"got {pooled.shape[0]} frames but media_num_frames={media_num_frames.tolist()} adds up to {num_frames}"
-                )
             embeds = embeds.index_copy(0, layout.visual_target, pooled.reshape(-1, dim).to(embeds.dtype))
             if self.media_newline is not None:
                 newline = self.media_newline.to(embeds.dtype).expand(layout.newline_target.numel(), dim)
                 embeds = embeds.index_copy(0, layout.newline_target, newline)
             if self.config.use_dcal:
-                cache = CrossAttentionCache(layout.frames_per_sample, originals.shape[1]) if use_cache else None
                 ctx = DCALContext(originals, originals.shape[1], layout.v2v, layout.t2v, cache)
-        return embeds.view(batch, layout.length, dim), ctx, layout
+        elif cache is not None:
+            ctx = DCALContext(None, cache.tokens_per_frame, None, None, cache)  # carries the empty cache out
+        return LLMInputs(embeds.view(batch, layout.length, dim), layout.attention_mask, layout.position_ids, layout.labels, ctx)
 
-    def _decode_inputs(self, input_ids, attention_mask, position_ids, pixel_values, vision_features, cache):
+    def _decode_inputs(self, input_ids, attention_mask, position_ids, pixel_values, vision_features, cache) -> LLMInputs:
         """A generation step after prefill: new text tokens only, T2V against the side cache."""
         if pixel_values is not None or vision_features is not None:
             raise ValueError("media can only be passed with the prompt, not in a decode step")
@@ -260,12 +290,17 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         if position_ids is None:
             step = input_ids.shape[1]
             position_ids = attention_mask.long().cumsum(-1)[:, -step:] - 1
+        if cache is None and self.config.use_t2v:
+            raise ValueError(
+                "a decode step needs the cross_attention_cache returned by the prefill (its T2V keys and values); "
+                "without it the new tokens would silently skip text-to-visual attention"
+            )
         embeds = self.get_input_embeddings()(input_ids)
         ctx = None
         if cache is not None and cache.has_media:
             groups = cache.decode_groups(input_ids.shape[0], input_ids.shape[1])
             ctx = DCALContext(None, cache.tokens_per_frame, None, groups, cache)
-        return embeds, ctx, position_ids
+        return LLMInputs(embeds, attention_mask, position_ids, None, ctx)
 
     # ---- generation ----
 

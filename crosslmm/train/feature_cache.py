@@ -2,13 +2,18 @@
 
 Stage 1 trains only the projector and V2V; the ViT is the expensive part of every step
 and gives the same output for the same clip each epoch. The cache stores each media
-item's (frames, N, Dv) features under the item's key (relative path + sampling options,
-so changing `num_frames` cannot silently reuse stale features) in safetensors shards,
-and training reads them instead of decoding and encoding video.
+item's (frames, N, Dv) features under the item's key (resolved file path + sampling
+options, so changing `num_frames` cannot silently reuse stale features) in safetensors
+shards, and training reads them instead of decoding and encoding video.
 
-A cache is tied to the vision tower that filled it: `fingerprint` (a hash of the tower's
-weights and the config options that shape its output) is stored with it, and a cache
-built by another tower is refused.
+A cache is tied to what produced it: `fingerprint` hashes the vision tower's weights, the
+config options that shape its output and the frame preprocessing (resize, mean, std), and
+a cache built by anything else is refused. Replacing a video file in place under the same
+name is not detected: delete the cache when the data changes.
+
+On many processes only the main process fills the cache while the others wait; for a
+large dataset fill it first with one process (the same recipe with `max_steps=1`), so
+the wait cannot outlast the process group's timeout.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ INDEX = "index.json"
 SHARD_BYTES = 256 * 2**20
 
 
-def vision_fingerprint(model) -> str:
+def vision_fingerprint(model, processor) -> str:
     digest = hashlib.sha256()
     config = model.config
-    digest.update(json.dumps([config.vision_config.to_dict(), config.vision_feature_layer], sort_keys=True, default=str).encode())
+    options = [config.vision_config.to_dict(), config.vision_feature_layer, repr(processor.frame_processor)]
+    digest.update(json.dumps(options, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.vision_tower.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
@@ -38,6 +44,9 @@ def vision_fingerprint(model) -> str:
 class FeatureCache:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
+        self.reload()
+
+    def reload(self) -> None:
         index_path = self.folder / INDEX
         self.index = json.loads(index_path.read_text()) if index_path.exists() else {"fingerprint": None, "items": {}}
 

@@ -102,10 +102,16 @@ def save_checkpoint(
     if is_main:
         for path in tmp.iterdir():
             _fsync(path)
+        # Re-saving a step (after resuming from an older checkpoint): move the old folder
+        # aside first, so a crash leaves one complete copy under one of the two names.
+        old = folder.with_name(folder.name + ".old")
         if folder.exists():
-            shutil.rmtree(folder)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
         os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
         _write_atomically(folder.parent / LATEST, folder.name + "\n")
+        shutil.rmtree(old, ignore_errors=True)
     barrier()
 
 
@@ -117,6 +123,9 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, 
     unknown = [k for k in trainable if k not in params]
     if unknown:
         raise ValueError(f"{folder} holds parameters this model does not have: {unknown[:5]}")
+    absent = [k for k, p in params.items() if p.requires_grad and k not in trainable]
+    if absent:
+        raise ValueError(f"{folder} lacks trainable parameters of this recipe: {absent[:5]}")
     with torch.no_grad():
         for name, value in trainable.items():
             params[name].copy_(value)
@@ -125,8 +134,9 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, 
     scheduler_state = json.loads((folder / "scheduler.json").read_text())
     scheduler.load_state_dict({**scheduler.state_dict(), **scheduler_state})
     rng_file = folder / f"rng-rank{rank}.safetensors"
-    if rng_file.exists():
-        _set_rng_state(load_file(rng_file), json.loads((folder / f"rng-rank{rank}.json").read_text()))
+    if not rng_file.exists():
+        raise ValueError(f"{rng_file} is missing: the checkpoint was written by fewer processes than this run has")
+    _set_rng_state(load_file(rng_file), json.loads((folder / f"rng-rank{rank}.json").read_text()))
     return json.loads((folder / "progress.json").read_text())
 
 
@@ -145,9 +155,13 @@ def resolve_resume(output_dir: Path, resume: str) -> Path:
 
 
 def prune_checkpoints(checkpoints: Path, keep: int) -> None:
-    folders = sorted(p for p in checkpoints.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    """Keep the `keep` newest complete checkpoints, and always the one `latest` names."""
+    latest_file = checkpoints / LATEST
+    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    folders = sorted(p for p in checkpoints.glob("step-???????") if p.is_dir())
     for old in folders[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
+        if old.name != latest:
+            shutil.rmtree(old)
 
 
 def _write_json(path: Path, value) -> None:
@@ -164,3 +178,12 @@ def _write_atomically(path: Path, text: str) -> None:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -50,13 +50,15 @@ class Progress:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batch_in_epoch: int = 0  # global batches of `epoch` already consumed
+    global_batch: int = 0  # the layout the position counts in; resuming must keep it
+    world_size: int = 1
 
 
 def load_model(config: TrainConfig) -> CrossLMMForCausalLM:
     model_config = CrossLMMConfig.from_pretrained(config.model, local_files_only=True)
     if config.model_overrides:
         model_config = CrossLMMConfig(**{**model_config.to_dict(), **config.model_overrides})
-    if config.stage == 2 and not model_config.use_t2v:
+    if config.stage == 2 and not model_config.use_t2v and "use_t2v" not in config.model_overrides:
         log.info("stage 2: switching T2V on (new T2V blocks start with closed gates)")
         model_config = CrossLMMConfig(**{**model_config.to_dict(), "use_t2v": True})
     return CrossLMMForCausalLM.from_pretrained(config.model, config=model_config, local_files_only=True)
@@ -67,6 +69,8 @@ def load_data(config: TrainConfig, processor: CrossLMMProcessor, cache: FeatureC
     counts come from the cache, so no video is decoded at all."""
     path = Path(config.data.train)
     if path.suffix in (".yaml", ".yml"):
+        if config.data.media_root:
+            raise ValueError("data.media_root is for record files; a YAML mixture sets media_root itself")
         pairs = load_mixture(path)
     else:
         media_root = Path(config.data.media_root) if config.data.media_root else path.parent
@@ -133,7 +137,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     model = load_model(config)
     processor = CrossLMMProcessor.from_pretrained(
-        config.model, num_frames=config.data.num_frames, fps=config.data.fps,
+        config.model, config=model.config, num_frames=config.data.num_frames, fps=config.data.fps,
         max_frames=config.data.max_frames, max_length=config.data.max_length,
     )
     cache = FeatureCache(config.feature_cache) if config.feature_cache else None
@@ -156,11 +160,17 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
 
-    progress = Progress()
+    progress = Progress(global_batch=global_batch, world_size=world)
     checkpoints = output_dir / "checkpoints"
     if config.resume:
         folder = resolve_resume(output_dir, config.resume)
-        progress = Progress(**load_checkpoint(folder, accelerator.unwrap_model(model), optimizer, scheduler, rank))
+        saved = Progress(**load_checkpoint(folder, accelerator.unwrap_model(model), optimizer, scheduler, rank))
+        if (saved.global_batch, saved.world_size) != (global_batch, world):
+            raise ValueError(
+                f"{folder} was written with {saved.world_size} process(es) and global batch {saved.global_batch}; "
+                f"resuming with {world} and {global_batch} would not continue the same run"
+            )
+        progress = saved
         accelerator.print(f"resumed from {folder} at step {progress.step}")
     recipe = dump_train_config(config)
     if accelerator.is_main_process:
@@ -189,7 +199,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             for j, batch in enumerate(micro):
                 last = j == len(micro) - 1
                 with accelerator.no_sync(model) if not last else nullcontext():
-                    loss_sum += forward_backward(model, batch, global_tokens, world, accelerator)
+                    loss_sum += forward_backward(model, batch, global_tokens, world, accelerator, processor.pad_token_id)
             if config.optim.max_grad_norm > 0:
                 accelerator.clip_grad_norm_([p for p in trainable.values()], config.optim.max_grad_norm)
             optimizer.step()
@@ -252,15 +262,17 @@ class CollateIndices:
         return self.collator([self.dataset[i] for i in indices])
 
 
-def forward_backward(model, batch: dict | None, global_tokens: int, world: int, accelerator: Accelerator) -> torch.Tensor:
+def forward_backward(
+    model, batch: dict | None, global_tokens: int, world: int, accelerator: Accelerator, pad_token_id: int
+) -> torch.Tensor:
     """One micro-batch; returns its summed token loss (detached). The loss is divided by
     the global answer-token count times 1/world, since DDP averages gradients over ranks.
-    A rank whose micro-batch is empty (every record skipped) still runs backward on a
-    zero loss so collective gradient synchronisation cannot hang."""
+    A rank whose micro-batch is empty (every record skipped) runs a real forward and
+    backward on a one-token batch without labels (loss exactly 0), so DDP's gradient
+    synchronisation happens on every rank and nothing hangs or is trained on."""
     if batch is None:
-        zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-        accelerator.backward(zero)
-        return torch.zeros((), device=accelerator.device)
+        batch = {"input_ids": torch.tensor([[pad_token_id]]), "attention_mask": torch.ones(1, 1, dtype=torch.long),
+                 "labels": torch.tensor([[-100]])}
     inputs = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()
               if k in ("input_ids", "attention_mask", "labels", "pixel_values", "media_num_frames", "vision_features")}
     num_items = max(global_tokens, 1) / world
@@ -280,7 +292,7 @@ def attach_features(batch: dict | None, cache: FeatureCache) -> dict | None:
 
 def fill_feature_cache(cache: FeatureCache, model, config: TrainConfig, processor, accelerator: Accelerator) -> None:
     """Encode every clip of the dataset not yet in the cache (main process), then wait."""
-    fingerprint = vision_fingerprint(model)
+    fingerprint = vision_fingerprint(model, processor)
     cache.check(fingerprint)
     if accelerator.is_main_process:
         decoding = load_data(config, processor)
@@ -290,7 +302,7 @@ def fill_feature_cache(cache: FeatureCache, model, config: TrainConfig, processo
         log.info("feature cache %s: %d media items added, %d records already cached", cache.folder, added,
                  len(decoding) - len(missing))
     accelerator.wait_for_everyone()
-    cache.__init__(cache.folder)  # re-read the index every rank sees
+    cache.reload()  # every rank reads the index the main process wrote
 
 
 def check_ranks_in_sync(trainable: dict[str, torch.Tensor], accelerator: Accelerator, output_dir: Path) -> None:
