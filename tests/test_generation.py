@@ -76,8 +76,7 @@ def _batch():
     return ids, mask, px, nf, alone, num_frames
 
 
-def test_left_padded_batch_gives_each_sample_its_own_logits(model):
-    ids, mask, px, nf, alone, _ = _batch()
+def _assert_each_sample_as_alone(model, ids, mask, px, nf, alone):
     with torch.no_grad():
         batched = model(ids, attention_mask=mask, pixel_values=px, media_num_frames=nf)
         assert torch.isfinite(batched.logits).all()
@@ -87,21 +86,20 @@ def test_left_padded_batch_gives_each_sample_its_own_logits(model):
             torch.testing.assert_close(batched.logits[row][valid], single, atol=2e-5, rtol=1e-4)
 
 
+def test_left_padded_batch_gives_each_sample_its_own_logits(model):
+    ids, mask, px, nf, alone, _ = _batch()
+    _assert_each_sample_as_alone(model, ids, mask, px, nf, alone)
+
+
 def test_right_padded_batch_gives_each_sample_its_own_logits(model):
     ids, mask, px, nf, alone, _ = _batch()
-    # Turn the left padding into right padding.
     lengths = mask.sum(1)
     right_ids = torch.full_like(ids, PAD)
     right_mask = torch.zeros_like(mask)
-    for row, n in enumerate(lengths.tolist()):
+    for row, n in enumerate(lengths.tolist()):  # move each row's tokens to the left
         right_ids[row, :n] = ids[row, -n:]
         right_mask[row, :n] = 1
-    with torch.no_grad():
-        batched = model(right_ids, attention_mask=right_mask, pixel_values=px, media_num_frames=nf)
-        for row, (a_ids, a_px, a_nf) in enumerate(alone):
-            single = model(a_ids, pixel_values=a_px, media_num_frames=a_nf).logits[0]
-            valid = batched.attention_mask[row].bool()
-            torch.testing.assert_close(batched.logits[row][valid], single, atol=2e-5, rtol=1e-4)
+    _assert_each_sample_as_alone(model, right_ids, right_mask, px, nf, alone)
 
 
 def test_batched_generation_equals_generation_alone(model):
