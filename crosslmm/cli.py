@@ -112,6 +112,33 @@ def import_llava_ov(
 
 
 @app.command()
+def ask(
+    media: Path = typer.Argument(..., help="A video or image file."),
+    question: str = typer.Argument(..., help="The question."),
+    model: Path = typer.Option(..., help="A CrossLMM checkpoint directory (a trained model or `crosslmm build` output)."),
+    num_frames: int = typer.Option(0, help="Frames to sample (0: the processor's saved setting)."),
+    max_new_tokens: int = typer.Option(64, help="Longest answer in tokens."),
+    sample: bool = typer.Option(False, help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Ask a question about a video or an image."""
+    from transformers.utils import logging as hf_logging
+
+    from crosslmm.data.video import VideoDecodeError
+    from crosslmm.infer import answer, load
+
+    hf_logging.disable_progress_bar()  # stdout is the answer, nothing else
+
+    try:
+        crosslmm_model, processor = load(model, device, **({"num_frames": num_frames} if num_frames else {}))
+        typer.echo(answer(crosslmm_model, processor, question, [media], max_new_tokens=max_new_tokens,
+                          do_sample=sample, temperature=temperature))
+    except (FileNotFoundError, VideoDecodeError, ValueError) as err:
+        _fail(err)
+
+
+@app.command()
 def synth(
     out: Path = typer.Argument(..., help="Output folder: videos/, train.json, test.json, meta.json."),
     n: int = typer.Option(..., "--n", help="Number of videos (3 questions each by default)."),

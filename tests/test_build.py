@@ -158,3 +158,37 @@ def test_params_of_a_checkpoint_directory(tmp_path):
     stage2 = json.loads(_cli("params", str(tmp_path), "--stage", "2", "--json").output)
     assert stage1["components"]["t2v"] == 0 and stage2["components"]["t2v"] > 0  # stage 2 switches T2V on
     assert _cli("params", str(tmp_path / "missing")).exit_code == 2
+
+
+def test_ask_answers_about_a_video_and_fails_clearly_on_a_missing_one(tmp_path):
+    import av
+    import numpy as np
+
+    vision_dir = make_vision("siglip", tmp_path / "vision")
+    llm_dir = make_llm("qwen2", tmp_path / "llm")
+    assert _cli("build", "--vision", vision_dir, "--llm", llm_dir, "--out", tmp_path / "m", "--tokens-per-frame", "4",
+                "--every-k", "2").exit_code == 0
+    video = tmp_path / "clip.mp4"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width = stream.height = 32
+        for i in range(4):
+            frame = np.full((32, 32, 3), 40 * i, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    result = _cli("ask", video, "what colour is it?", "--model", tmp_path / "m", "--max-new-tokens", "4", "--num-frames", "2")
+    assert result.exit_code == 0, result.output
+    # An untrained model may say anything: the CLI must say what the library's greedy answer is.
+    from crosslmm.infer import answer, load
+
+    model, processor = load(tmp_path / "m", num_frames=2)
+    expected = answer(model, processor, "what colour is it?", [video], max_new_tokens=4)
+    assert result.output == expected + "\n"
+    with torch.no_grad():  # and that answer is the model's own greedy continuation of the processed prompt
+        inputs = processor([{"role": "user", "content": "<video>\nwhat colour is it?"}], media=[video])
+        ids = model.generate(**inputs, max_new_tokens=4)
+    assert processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() == expected
+    missing = _cli("ask", tmp_path / "nope.mp4", "what?", "--model", tmp_path / "m")
+    assert missing.exit_code == 2 and "nope.mp4" in missing.output

@@ -54,18 +54,22 @@ class CrossAttentionGroups:
         # one video per sample, system prompt before it), no mask is needed at all.
         self.needs_mask = bool(((self.visible_frames != 0) & (self.visible_frames != num_key_frames)).any())
         self.query_valid = self.visible_frames > 0
+        self._key_mask: torch.Tensor | None = None
         # Groups that take consecutive frames in order (frame scope, one sample, one video)
         # read the keys as a view instead of a gathered copy.
         in_order = torch.arange(self.key_frames.numel(), device=self.key_frames.device)
         self.frames_in_order = bool((self.key_frames.reshape(-1) == in_order).all())
 
     def key_mask(self, tokens_per_frame: int) -> torch.Tensor | None:
-        """(G, Lq, Fk*N) bool, or None when every query sees all or none of its keys."""
+        """(G, Lq, Fk*N) bool, or None when every query sees all or none of its keys.
+        Built once and reused by every DCAL layer of the forward pass."""
         if not self.needs_mask:
             return None
-        key_frame = torch.arange(self.key_frames.shape[1] * tokens_per_frame, device=self.key_frames.device)
-        key_frame = key_frame // tokens_per_frame
-        return key_frame[None, None, :] < self.visible_frames[..., None]
+        if self._key_mask is None:
+            key_frame = torch.arange(self.key_frames.shape[1] * tokens_per_frame, device=self.key_frames.device)
+            key_frame = key_frame // tokens_per_frame
+            self._key_mask = key_frame[None, None, :] < self.visible_frames[..., None]
+        return self._key_mask
 
     def gather_keys(self, keys: torch.Tensor) -> torch.Tensor:
         """(F, N, Hkv, hd) per-frame keys -> (G, Hkv, Fk*N, hd) per-group keys."""
