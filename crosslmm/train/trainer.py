@@ -233,11 +233,11 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
                     prune_checkpoints(checkpoints, config.keep_checkpoints)
             if finishing:
                 break
-        else:
+        else:  # the epoch's batches ran out: start the next epoch
             progress.epoch += 1
             progress.batch_in_epoch = 0
             continue
-        break
+        break  # finished, or stopped early by `stop_after`
     bar.close()
     check_ranks_in_sync(trainable, accelerator, output_dir)
 
