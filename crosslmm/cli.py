@@ -154,6 +154,33 @@ def synth(
     typer.echo(f"wrote {out}: videos {meta['videos']}, questions {meta['questions']} (per-type counts in meta.json)")
 
 
+@app.command("synth-eval")
+def synth_eval(
+    data: Path = typer.Argument(..., help="A folder written by `crosslmm synth`."),
+    model: Path = typer.Option(..., help="A CrossLMM checkpoint directory."),
+    split: str = typer.Option("test", help="Which split's questions."),
+    limit: int = typer.Option(0, help="Only the first N questions (0: all)."),
+    out: Path = typer.Option(None, help="Also write accuracies and predictions as JSON here."),
+) -> None:
+    """Accuracy on the synthetic world's questions, per question type and form."""
+    import json
+
+    from transformers.utils import logging as hf_logging
+
+    from crosslmm.infer import load
+    from crosslmm.synth.evaluate import evaluate
+
+    hf_logging.disable_progress_bar()
+    records = json.loads((data / f"{split}.json").read_text())
+    records = records[:limit] if limit else records
+    crosslmm_model, processor = load(model)
+    result = evaluate(crosslmm_model, processor, records, data)
+    for key, value in result["accuracy"].items():
+        typer.echo(f"{key:>40}: {100 * value:5.1f} %  ({result['count'][key]})")
+    if out is not None:
+        out.write_text(json.dumps(result, indent=1))
+
+
 @app.command(context_settings={"allow_extra_args": True})
 def train(
     ctx: typer.Context,

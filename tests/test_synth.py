@@ -374,3 +374,29 @@ def test_scenes_are_well_formed():
             for i, a in enumerate(boxes):
                 for b in boxes[i + 1:]:
                     assert not overlaps((a[0] - 3, a[1] - 3, a[2] + 3, a[3] + 3), b)
+
+
+def test_answer_extraction_for_scoring():
+    from crosslmm.synth.evaluate import extract
+
+    assert extract("B", "mc") == "B" and extract("B. blue", "mc") == "B" and extract("The answer is C.", "mc") == "C"
+    assert extract("maybe", "mc") == ""
+    assert extract("Red.", "short") == "red" and extract("  3 circles", "short") == "3" and extract("", "short") == ""
+
+
+def test_synth_eval_command_scores_every_question(tmp_path):
+    from typer.testing import CliRunner
+
+    from crosslmm.checkpoints.scratch import corpus_from_records, init_from_scratch
+    from crosslmm.cli import app
+
+    write_dataset(tmp_path / "data", n=10, seed=0)
+    init_from_scratch("tiny", tmp_path / "model", corpus_from_records([tmp_path / "data" / "train.json"]), vocab_size=400,
+                      tokens_per_frame=1)
+    result = CliRunner().invoke(app, ["synth-eval", str(tmp_path / "data"), "--model", str(tmp_path / "model"),
+                                      "--split", "train", "--limit", "6", "--out", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    assert scored["count"]["all"] == 6 and len(scored["predictions"]) == 6
+    assert 0.0 <= scored["accuracy"]["all"] <= 1.0
+    assert scored["accuracy"]["all"] == sum(p["correct"] for p in scored["predictions"]) / 6
