@@ -258,7 +258,7 @@ def measure_point(
 
         decode(1)  # warm-up
         decode_ms = _timed_ms(lambda: decode(decode_tokens), dev, 1)[0] / max(decode_tokens, 1)
-        del out
+        out = None  # free the prefill caches before timing
 
         subject.prefill()  # warm-up for the timings
         times = _timed_ms(subject.prefill, dev, repeats)
