@@ -32,23 +32,23 @@ VISION_CLASSES = {
 SUPPORTED_LLMS = ("qwen2", "qwen3", "llama", "mistral")
 
 
-def load_vision(directory: str | Path, dtype: torch.dtype | None = None):
+def _model_type(directory: str | Path, supported, what: str) -> str:
+    """The checkpoint's model_type from its config.json, refused unless supported."""
     model_type = read_config_json(directory).get("model_type")
-    if model_type not in VISION_CLASSES:
+    if model_type not in supported:
         raise CheckpointError(
-            f"{Path(directory) / 'config.json'} has model_type={model_type!r}; supported vision encoders: "
-            f"{sorted(VISION_CLASSES)}"
+            f"{Path(directory) / 'config.json'} has model_type={model_type!r}; supported {what}: {sorted(supported)}"
         )
+    return model_type
+
+
+def load_vision(directory: str | Path, dtype: torch.dtype | None = None):
+    model_type = _model_type(directory, VISION_CLASSES, "vision encoders")
     return VISION_CLASSES[model_type].from_pretrained(directory, local_files_only=True, dtype=dtype)
 
 
 def load_llm(directory: str | Path, dtype: torch.dtype | None = None):
-    model_type = read_config_json(directory).get("model_type")
-    if model_type not in SUPPORTED_LLMS:
-        raise CheckpointError(
-            f"{Path(directory) / 'config.json'} has model_type={model_type!r}; DCAL supports the Llama-family "
-            f"decoders {SUPPORTED_LLMS}"
-        )
+    _model_type(directory, SUPPORTED_LLMS, "LLMs (Llama-family decoders DCAL can wrap)")
     llm = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)

@@ -173,8 +173,6 @@ class DCALDecoderLayer(GradientCheckpointingLayer):
         batch, length, dim = hidden_states.shape
         flat = hidden_states.reshape(batch * length, dim)
 
-        if ctx.originals is None and ctx.t2v is None:  # no media: nothing to attend to
-            return hidden_states
         if self.v2v is not None and ctx.v2v is not None:
             key, value = self.v2v.project_key_value(ctx.originals)
             flat = _scatter_update(flat, self.v2v, ctx.v2v, ctx.v2v.gather_keys(key), ctx.v2v.gather_keys(value), ctx)

@@ -53,7 +53,8 @@ class LLMInputs(NamedTuple):
     attention_mask: torch.Tensor  # (B, L'); (B, past + L) when decoding
     position_ids: torch.Tensor
     labels: torch.Tensor | None  # (B, L'), -100 at visual tokens and padding
-    dcal_context: DCALContext | None
+    dcal_context: DCALContext | None  # None when there is nothing to cross-attend to
+    cross_attention_cache: CrossAttentionCache | None  # handed back for the next decode step
 
 
 @dataclass
@@ -215,12 +216,11 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
             dcal_context=inputs.dcal_context,
             **kwargs,
         )
-        ctx = inputs.dcal_context
         return CrossLMMOutput(
             loss=outputs.loss,
             logits=outputs.logits,
             past_key_values=outputs.past_key_values,
-            cross_attention_cache=ctx.cache if ctx is not None else cross_attention_cache,
+            cross_attention_cache=inputs.cross_attention_cache,
             attention_mask=inputs.attention_mask,
             labels=inputs.labels,
         )
@@ -277,9 +277,9 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
                 embeds = embeds.index_copy(0, layout.newline_target, newline)
             if self.config.use_dcal:
                 ctx = DCALContext(originals, originals.shape[1], layout.v2v, layout.t2v, cache)
-        elif cache is not None:
-            ctx = DCALContext(None, cache.tokens_per_frame, None, None, cache)  # carries the empty cache out
-        return LLMInputs(embeds.view(batch, layout.length, dim), layout.attention_mask, layout.position_ids, layout.labels, ctx)
+        return LLMInputs(
+            embeds.view(batch, layout.length, dim), layout.attention_mask, layout.position_ids, layout.labels, ctx, cache
+        )
 
     def _decode_inputs(self, input_ids, attention_mask, position_ids, pixel_values, vision_features, cache) -> LLMInputs:
         """A generation step after prefill: new text tokens only, T2V against the side cache."""
@@ -300,7 +300,7 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         if cache is not None and cache.has_media:
             groups = cache.decode_groups(input_ids.shape[0], input_ids.shape[1])
             ctx = DCALContext(None, cache.tokens_per_frame, None, groups, cache)
-        return LLMInputs(embeds, attention_mask, position_ids, None, ctx)
+        return LLMInputs(embeds, attention_mask, position_ids, None, ctx, cache)
 
     # ---- generation ----
 
