@@ -692,8 +692,11 @@ def write_dataset(
 ) -> dict:
     """Write `n` videos and their questions; returns the metadata also saved as meta.json.
 
-    Layout: `videos/<id>.mp4`, one `<split>.json` list of LLaVA records per split, and
-    `meta.json` (parameters, codec, counts per split / type / form, correct-letter and
+    Layout: `videos/<id>.mp4`, one `<split>.json` list of LLaVA records per split (one
+    question each, the form evaluation uses), `train_multiturn.json` (the training
+    split's questions grouped per video as multi-turn conversations, see
+    `multiturn_records`), `train_captions.json` (one dense caption per training video,
+    see `caption`), and `meta.json` (parameters, codec, counts per split / type / form, correct-letter and
     answer histograms).
     Everything is a function of (n, seed, frames, size, splits, questions_per_video, fps):
     scenes and questions draw from generators seeded by (seed, purpose, index) only.
@@ -716,6 +719,10 @@ def write_dataset(
     for split, indices in split_indices(n, seed, splits).items():
         records = _write_split(out_dir, indices, seed, frames, size, questions_per_video, fps, codec)
         (out_dir / f"{split}.json").write_text(json.dumps(records, indent=1) + "\n")
+        if split == "train":
+            (out_dir / "train_multiturn.json").write_text(json.dumps(multiturn_records(records), indent=1) + "\n")
+            captions = [caption_record(scene_for(seed, i, frames, size), i) for i in indices]
+            (out_dir / "train_captions.json").write_text(json.dumps(captions, indent=1) + "\n")
         meta["videos"][split] = len(indices)
         meta["questions"][split] = len(records)
         meta["counts"][split] = _histogram(records, lambda r: (r["type"], r["form"]))
@@ -743,6 +750,54 @@ def _write_split(out_dir: Path, indices: Sequence[int], seed: int, frames: int, 
         for j, question in enumerate(questions):
             records.append({"id": f"{vid}_q{j}", "video": f"videos/{vid}.mp4", **question})
     return records
+
+
+CAPTION_PROMPT = "Describe every frame of the video."
+
+
+def caption(scene: Scene) -> str:
+    """A dense frame-by-frame description: every visible sprite with its colour, shape,
+    pattern and the quadrant holding its centre, then each sprite's motion. The
+    pretraining text of the synthetic world (the paper's stage 1 trains on captions):
+    every word is grounded in a specific frame and place, so a from-scratch language
+    model learns to read the visual tokens far faster than from one-word answers."""
+    half = scene.size / 2
+    parts = []
+    for t in range(scene.frames):
+        seen = []
+        for obj in scene.visible_at(t):
+            x0, y0, x1, y1 = obj.box(t)
+            region = f"{'top' if (y0 + y1) / 2 < half else 'bottom'}-{'left' if (x0 + x1) / 2 < half else 'right'}"
+            pattern = "" if obj.pattern == "plain" else f" with {obj.pattern}"
+            seen.append(f"{obj.name}{pattern} {region}")
+        parts.append(f"frame {t + 1}: {', '.join(seen) if seen else 'empty'}.")
+    parts.append("motion: " + ", ".join(f"{obj.name} {obj.direction}" for obj in scene.objects) + ".")
+    return " ".join(parts)
+
+
+def caption_record(scene: Scene, index: int) -> dict:
+    vid = video_id(index)
+    return {"id": f"{vid}_caption", "video": f"videos/{vid}.mp4", "type": "caption", "conversations": [
+        {"from": "human", "value": f"<video>\n{CAPTION_PROMPT}"}, {"from": "gpt", "value": caption(scene)}]}
+
+
+def multiturn_records(records: Sequence[dict]) -> list[dict]:
+    """One multi-turn LLaVA record per video, its questions in order: the video is
+    decoded and encoded once for all of them, so a training step costs about a sixth of
+    the vision compute per question (the way LLaVA-style video instruction data is
+    usually laid out). The video placeholder stays in the first question only."""
+    by_video: dict[str, list[dict]] = {}
+    for record in records:
+        by_video.setdefault(record["video"], []).append(record)
+    grouped = []
+    for video, questions in by_video.items():
+        turns = []
+        for j, record in enumerate(questions):
+            human, gpt = record["conversations"]
+            text = human["value"] if j == 0 else human["value"].replace("<video>\n", "", 1)
+            turns += [{"from": "human", "value": text}, {"from": "gpt", "value": gpt["value"]}]
+        grouped.append({"id": Path(video).stem, "video": video, "conversations": turns})
+    return grouped
 
 
 def answer_text(record: dict) -> str:
