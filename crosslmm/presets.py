@@ -43,10 +43,19 @@ TINY_TEXT = dict(
     vocab_size=128, max_position_embeddings=4096, eos_token_id=2,
 )
 
+# The synthetic world's models (docs/synthetic.md): 64 px frames, 8 px patches -> an 8x8
+# grid of 64 original tokens per frame; an 8-layer LLM so that K = 1, 2, 4, 8 all exist.
+SMALL_VISION = dict(hidden_size=96, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, image_size=64, patch_size=8)
+SMALL_TEXT = dict(
+    hidden_size=128, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=512, max_position_embeddings=4096, eos_token_id=2,
+)
+
 PRESETS: dict[str, tuple[dict, dict]] = {
     "crosslmm-2b": (SIGLIP_SO400M_384, QWEN25_15B),
     "crosslmm-7b": (SIGLIP_SO400M_384, QWEN25_7B),
     "reduced": (REDUCED_VISION, REDUCED_TEXT),
+    "small": (SMALL_VISION, SMALL_TEXT),
     "tiny": (TINY_VISION, TINY_TEXT),
 }
 
@@ -59,6 +68,9 @@ def preset_config(name: str, **overrides: Any) -> CrossLMMConfig:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     vision, text = PRESETS[name]
     kwargs: dict[str, Any] = {"media_token_id": text["vocab_size"] - 1, **overrides}
+    if name == "small":
+        kwargs.setdefault("tokens_per_frame", 1)
+        kwargs.setdefault("dcal_every_k", 2)
     if name == "tiny":
         kwargs.setdefault("tokens_per_frame", 4)
         kwargs.setdefault("dcal_every_k", 2)

@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from crosslmm.checkpoints.build import MEDIA_TOKEN
+from crosslmm.checkpoints.build import MEDIA_TOKEN, load_vision
 from crosslmm.data.processor import PLACEHOLDERS
 from crosslmm.model.modeling import CrossLMMForCausalLM
 from crosslmm.presets import preset_config
@@ -77,8 +77,12 @@ def siglip_preprocessor_config(image_size: int) -> dict:
 
 
 def init_from_scratch(
-    preset: str, out_dir: str | Path, corpus: list[str], vocab_size: int = 1024, seed: int = 0, **overrides: Any
+    preset: str, out_dir: str | Path, corpus: list[str], vocab_size: int = 1024, seed: int = 0,
+    vision: str | Path | None = None, **overrides: Any
 ) -> Path:
+    """A CrossLMM at `preset`'s shapes with a tokenizer trained on `corpus`; everything
+    random (from `seed`) except, when `vision` names a vision-encoder checkpoint of the
+    preset's shape, the vision tower, which is loaded from it."""
     tokenizer = train_tokenizer(corpus, vocab_size)
     config = preset_config(preset, media_token_id=tokenizer.convert_tokens_to_ids(MEDIA_TOKEN), **overrides)
     text = config.text_config
@@ -88,8 +92,27 @@ def init_from_scratch(
     text.bos_token_id = None
     torch.manual_seed(seed)
     model = CrossLMMForCausalLM(config)
+    if vision is not None:
+        load_vision_weights(model, vision)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "preprocessor_config.json").write_text(json.dumps(siglip_preprocessor_config(config.image_size), indent=2))
     return out_dir
+
+
+def load_vision_weights(model: CrossLMMForCausalLM, vision_dir: str | Path) -> None:
+    """Copy a vision-encoder checkpoint into the model's tower. Every tensor the tower
+    has must come from the checkpoint with the same shape (the checkpoint may have more:
+    layers after the feature layer, which the tower never builds)."""
+    encoder = load_vision(vision_dir)
+    own = model.vision_tower.vit.state_dict()
+    state = encoder.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    mismatched = sorted(k for k in own if k in state and state[k].shape != own[k].shape)
+    if missing or mismatched:
+        raise ValueError(
+            f"vision checkpoint {vision_dir} does not fit the preset's vision tower: "
+            f"missing {missing[:5]}, shape mismatch {mismatched[:5]}"
+        )
+    model.vision_tower.vit.load_state_dict({k: state[k] for k in own})

@@ -1,0 +1,172 @@
+"""Pretrain a small SigLIP vision encoder on the synthetic world, as SigLIP is pretrained
+for the real CrossLMM.
+
+Why: the paper's claim is about a *pretrained, frozen-in-stage-1* ViT whose patch tokens
+describe local content, and about what pooling those tokens to one per frame throws
+away. A ViT trained end to end through a 1-token bottleneck instead learns to pack the
+whole frame into the pooled token, which is a different experiment (and on a 2-core CPU
+it does not learn at all in 15 minutes: first attempt in docs/synthetic.md). So the
+small models get what the real ones get, a ViT that already sees: a `SiglipVisionModel`
+trained from scratch to say, for every patch of a rendered frame, the colour, shape and
+pattern of the sprite covering it (or "background"). Dense per-patch labels come free
+from the renderer's ground truth, so a few minutes of CPU are enough.
+
+The encoder is trained through `crosslmm.model.vision.VisionTower` (the exact module,
+feature layer and preprocessing CrossLMM uses) and saved as an ordinary
+`SiglipVisionModel` checkpoint that `crosslmm init --vision` and `crosslmm build` read.
+Layers after the feature layer are never run by CrossLMM and stay at their initial
+values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from crosslmm.model.configuration import CrossLMMConfig
+from crosslmm.model.vision import VisionTower
+from crosslmm.synth.world import COLORS, PATTERNS, SHAPES, Scene, render, shape_mask
+
+# Per-patch targets; class 0 of each is "no sprite here".
+TARGETS: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "pattern": PATTERNS}
+MIN_COVER = 1 / 8  # a patch is labelled with a sprite covering at least this fraction of it
+
+
+def object_map(scene: Scene, t: int) -> np.ndarray:
+    """(H, W) int: index into `scene.objects` of the sprite drawn at each pixel, -1 for
+    background (later objects are drawn over earlier ones, as in `render`)."""
+    ids = np.full((scene.size, scene.size), -1, dtype=np.int64)
+    for index, obj in enumerate(scene.objects):
+        if obj.visible(t):
+            x0, y0, x1, y1 = obj.box(t)
+            ids[y0:y1, x0:x1][shape_mask(obj.shape, obj.size)] = index
+    return ids
+
+
+def patch_labels(scene: Scene, t: int, grid: int) -> np.ndarray:
+    """(grid * grid, 3) int labels (colour, shape, pattern; 0 = background) of frame t's
+    patches, row-major like the ViT's tokens: the sprite covering most of each patch."""
+    ids = object_map(scene, t)
+    side = scene.size // grid
+    labels = np.zeros((grid * grid, len(TARGETS)), dtype=np.int64)
+    for row in range(grid):
+        for col in range(grid):
+            patch = ids[row * side:(row + 1) * side, col * side:(col + 1) * side]
+            counts = np.bincount(patch[patch >= 0], minlength=len(scene.objects))
+            if counts.size and counts.max() >= MIN_COVER * side * side:
+                obj = scene.objects[int(counts.argmax())]
+                labels[row * grid + col] = (
+                    1 + TARGETS["color"].index(obj.color),
+                    1 + TARGETS["shape"].index(obj.shape),
+                    1 + TARGETS["pattern"].index(obj.pattern),
+                )
+    return labels
+
+
+def frames_and_labels(scenes: Sequence[Scene], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All frames of `scenes`, (n, 3, S, S) float normalised like SigLIP's processor
+    (mean = std = 0.5), and their patch labels (n, grid * grid, 3)."""
+    frames, labels = [], []
+    for scene in scenes:
+        video = render(scene)  # (T, S, S, 3) uint8
+        frames.append(video)
+        labels.extend(patch_labels(scene, t, grid) for t in range(scene.frames))
+    pixels = torch.from_numpy(np.concatenate(frames)).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
+    return pixels, torch.from_numpy(np.stack(labels))
+
+
+class PatchProbe(nn.Module):
+    """The vision tower plus one linear classifier per target on its patch tokens."""
+
+    def __init__(self, config: CrossLMMConfig) -> None:
+        super().__init__()
+        self.tower = VisionTower(config)
+        width = config.vision_config.hidden_size
+        self.heads = nn.ModuleDict({name: nn.Linear(width, 1 + len(classes)) for name, classes in TARGETS.items()})
+
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        tokens = self.tower(pixels)  # (n, N, Dv)
+        loss = torch.zeros(())
+        accuracy = {}
+        for k, (name, head) in enumerate(self.heads.items()):
+            logits = head(tokens)  # (n, N, classes)
+            target = labels[..., k]
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), target.flatten())
+            sprite = target > 0  # accuracy where it matters: patches that show a sprite
+            accuracy[name] = float((logits.argmax(-1)[sprite] == target[sprite]).float().mean())
+        return loss, accuracy
+
+
+def pretrain_vision(
+    config: CrossLMMConfig,
+    train_scenes: Sequence[Scene],
+    eval_scenes: Sequence[Scene],
+    out_dir: str | Path,
+    steps: int = 600,
+    batch_frames: int = 64,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
+) -> dict:
+    """Train the vision encoder of `config` on per-patch labels of `train_scenes`, save it
+    to `out_dir` as a `SiglipVisionModel` checkpoint and return its held-out per-patch
+    accuracy on `eval_scenes` (sprite patches only)."""
+    if config.vision_config.model_type != "siglip_vision_model":
+        raise ValueError("synthetic-world pretraining builds a SigLIP vision encoder")
+    grid = config.vision_grid_size
+    if train_scenes[0].size != config.image_size:
+        raise ValueError(f"scenes are {train_scenes[0].size} px; the vision encoder takes {config.image_size} px")
+    torch.manual_seed(seed)
+    probe = PatchProbe(config)
+    pixels, labels = frames_and_labels(train_scenes, grid)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=learning_rate, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(seed))
+    started = time.perf_counter()
+    probe.train()
+    for step in range(steps):
+        start = (step * batch_frames) % len(pixels)
+        index = order[start:start + batch_frames]
+        loss, _ = probe(pixels[index], labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    seconds = time.perf_counter() - started
+
+    probe.eval()
+    eval_pixels, eval_labels = frames_and_labels(eval_scenes, grid)
+    with torch.no_grad():
+        loss, accuracy = probe(eval_pixels, eval_labels)
+    save_vision_encoder(probe.tower, config.vision_config, out_dir)
+    report = {"steps": steps, "batch_frames": batch_frames, "train_frames": len(pixels), "seconds": round(seconds, 1),
+              "eval_loss": round(float(loss), 4), "eval_patch_accuracy": {k: round(v, 4) for k, v in accuracy.items()}}
+    (Path(out_dir) / "pretraining.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def save_vision_encoder(tower: VisionTower, vision_config: SiglipVisionConfig, out_dir: str | Path) -> Path:
+    """Save the tower's layers into a full `SiglipVisionModel` of `vision_config` (unused
+    top layers and post-layernorm at their initial values), with SigLIP's preprocessor."""
+    from crosslmm.checkpoints.scratch import siglip_preprocessor_config
+
+    full = SiglipVisionModel(vision_config)
+    missing, unexpected = full.load_state_dict(tower.vit.state_dict(), strict=False)
+    if unexpected:
+        raise RuntimeError(f"vision tower tensors with no place in SiglipVisionModel: {unexpected}")
+    out_dir = Path(out_dir)
+    full.save_pretrained(out_dir)
+    size = vision_config.image_size
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(siglip_preprocessor_config(size), indent=2))
+    return out_dir
