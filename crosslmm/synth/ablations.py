@@ -1,0 +1,424 @@
+"""`crosslmm synth-ablations`: the paper's ablations (Table 2a, 2b, V2V scope) in miniature.
+
+One YAML file (`configs/synth/ablations.yaml`) says everything: the synthetic dataset,
+the vision-encoder pretraining, the model preset, the training recipe and the variants,
+each a set of CrossLMMConfig options. The runner
+
+1. writes the dataset (`crosslmm synth`) and pretrains the shared vision encoder
+   (`crosslmm.synth.vision_pretrain`), once, into the output folder;
+2. encodes every training video once into a feature cache shared by all variants (the
+   vision tower is frozen and identical for all of them; the cache's fingerprint
+   guarantees it);
+3. trains every variant from the same initial seed on the same data with the same
+   recipe (`crosslmm train`'s own code path), `jobs` at a time, each on its share of
+   the CPU cores, and scores it on the held-out test split (`crosslmm synth-eval`'s
+   code path);
+4. writes `results.json`, a Markdown table (`results.md`) and a plot (`ablations.png`),
+   and copies the table and plot to `docs_dir`.
+
+A variant whose `result.json` exists with the same settings is not run again, so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from crosslmm.synth.world import FAMILIES
+
+
+@dataclass
+class SynthDataSpec:
+    n: int = 3000
+    seed: int = 0
+    questions_per_video: int = 6
+    frames: int = 8
+    size: int = 64
+
+
+@dataclass
+class VisionSpec:
+    scenes: int = 1000  # training videos whose rendered frames the encoder learns from
+    steps: int = 800
+    batch_frames: int = 64
+    learning_rate: float = 2e-3
+
+
+@dataclass
+class DefaultModelSpec:
+    variant: str | None = None  # the variant exported as the bundled default model
+    out: str = "crosslmm/assets/default_model"
+    dtype: str = "bfloat16"  # storage only; CPU inference upcasts to float32
+
+
+@dataclass
+class AblationConfig:
+    out_dir: str = "runs/ablations"
+    data: SynthDataSpec = field(default_factory=SynthDataSpec)
+    vision: VisionSpec = field(default_factory=VisionSpec)
+    preset: str = "small"
+    vocab_size: int = 512
+    seed: int = 0  # initial weights of every variant
+    caption_recipe: str | None = "captions.yaml"  # stage 1 on dense captions (relative to the YAML's folder); null: none
+    recipe: str = "llm.yaml"  # stage 2 on the questions (relative to the YAML's folder)
+    train_overrides: list[str] = field(default_factory=list)  # key=value for every variant
+    eval_questions: int = 0  # held-out questions scored per variant; 0: all
+    jobs: int = 2  # variants trained at once; the CPU cores are shared between them
+    docs_dir: str | None = None  # where results.md and ablations.png are copied
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> CrossLMMConfig options
+    default_model: DefaultModelSpec = field(default_factory=DefaultModelSpec)
+
+
+def load_ablation_config(path: str | Path, overrides: list[str] | None = None) -> AblationConfig:
+    """The ablation YAML merged over the schema and `key=value` overrides; relative
+    paths in it are resolved against the YAML's folder."""
+    path = Path(path)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(AblationConfig), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(list(overrides or [])))
+        config: AblationConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"bad ablation config {path}: {err}") from err
+    config.recipe = str((path.parent / config.recipe).resolve())
+    if config.caption_recipe:
+        config.caption_recipe = str((path.parent / config.caption_recipe).resolve())
+    if not config.variants:
+        raise ValueError(f"{path} defines no variants")
+    if config.default_model.variant is not None and config.default_model.variant not in config.variants:
+        raise ValueError(f"default_model.variant {config.default_model.variant!r} is not one of the variants")
+    return config
+
+
+# --------------------------------------------------------------------------- shared steps
+
+
+def prepare_data(spec: SynthDataSpec, folder: Path) -> Path:
+    """The synthetic dataset, written unless `folder` already holds one with `spec`."""
+    from crosslmm.synth.world import write_dataset
+
+    meta = folder / "meta.json"
+    wanted = {**asdict(spec), "fps": 4}
+    if meta.exists():
+        params = json.loads(meta.read_text())["params"]
+        if all(params.get(k) == v for k, v in wanted.items()) and (folder / "train_multiturn.json").exists():
+            return folder
+    write_dataset(folder, n=spec.n, seed=spec.seed, frames=spec.frames, size=spec.size,
+                  questions_per_video=spec.questions_per_video)
+    return folder
+
+
+def prepare_vision(config: AblationConfig, data: Path, folder: Path) -> Path:
+    """The shared pretrained vision encoder, trained on the training split's scenes only
+    (the held-out scenes of the test split are never seen by any part of any model)."""
+    from crosslmm.presets import preset_config
+    from crosslmm.synth.vision_pretrain import pretrain_vision
+    from crosslmm.synth.world import scene_for, split_indices
+
+    spec = config.vision
+    if (folder / "pretraining.json").exists() and json.loads((folder / "pretraining.json").read_text()).get("spec") == asdict(spec):
+        return folder
+    d = config.data
+    split = split_indices(d.n, d.seed, {"train": 0.9, "test": 0.1})
+    train_ids = split["train"]
+    scenes = [scene_for(d.seed, i, d.frames, d.size) for i in train_ids[: spec.scenes]]
+    held = [scene_for(d.seed, i, d.frames, d.size) for i in train_ids[spec.scenes: spec.scenes + 100]]
+    report = pretrain_vision(preset_config(config.preset), scenes, held, folder, steps=spec.steps,
+                             batch_frames=spec.batch_frames, learning_rate=spec.learning_rate, seed=config.seed)
+    report["spec"] = asdict(spec)
+    (folder / "pretraining.json").write_text(json.dumps(report, indent=2))
+    return folder
+
+
+def _train_config(recipe: str, config: AblationConfig, records: Path, model_dir: Path, output_dir: Path, cache: Path,
+                  extra: list[str]):
+    from crosslmm.train.config import load_train_config
+
+    return load_train_config(recipe, [
+        f"model={model_dir}", f"output_dir={output_dir}", f"data.train={records}", f"data.media_root={records.parent}",
+        f"feature_cache={cache}", f"seed={config.seed}", *config.train_overrides, *extra,
+    ])
+
+
+def _corpus(data: Path) -> list[str]:
+    from crosslmm.checkpoints.scratch import corpus_from_records
+
+    return corpus_from_records([data / "train.json", data / "train_captions.json"])
+
+
+def _fill_cache(config: AblationConfig, data: Path, vision: Path, folder: Path, threads: int) -> None:
+    """Encode every training video into the shared feature cache (one process, before
+    the variants start, so they never write it concurrently)."""
+    import torch
+
+    from crosslmm.checkpoints.scratch import init_from_scratch
+    from crosslmm.train.trainer import train
+
+    torch.set_num_threads(threads)
+    init = init_from_scratch(config.preset, folder / "cache-model", _corpus(data), vocab_size=config.vocab_size,
+                             seed=config.seed, vision=vision)
+    # One optimizer step of a throwaway run fills the cache through the trainer's own path.
+    train(_train_config(config.recipe, config, data / "train_multiturn.json", init, folder / "cache-run",
+                        folder / "feature_cache", ["max_steps=1"]))
+    shutil.rmtree(folder / "cache-run")
+    shutil.rmtree(folder / "cache-model")
+
+
+# --------------------------------------------------------------------------- one variant
+
+
+def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, threads: int) -> dict:
+    """Initialise, train and score one variant; returns (and saves) its result."""
+    import torch
+
+    from crosslmm.checkpoints.scratch import init_from_scratch
+    from crosslmm.data.dataset import load_records
+    from crosslmm.infer import load
+    from crosslmm.synth.evaluate import evaluate
+    from crosslmm.train.trainer import train
+
+    torch.set_num_threads(threads)
+    out = Path(config.out_dir) / "variants" / name
+    options = dict(config.variants[name])
+    settings = {"options": options, "seed": config.seed, "recipe": Path(config.recipe).read_text(),
+                "caption_recipe": Path(config.caption_recipe).read_text() if config.caption_recipe else None,
+                "train_overrides": config.train_overrides, "eval_questions": config.eval_questions,
+                "data": asdict(config.data), "vision": asdict(config.vision), "preset": config.preset}
+    result_file = out / "result.json"
+    if result_file.exists():
+        previous = json.loads(result_file.read_text())
+        if previous.get("settings") == settings:
+            return previous
+    if out.exists():
+        shutil.rmtree(out)
+
+    init = init_from_scratch(config.preset, out / "init", _corpus(data), vocab_size=config.vocab_size,
+                             seed=config.seed, vision=vision, **options)
+    cache = Path(config.out_dir) / "feature_cache"
+    use_t2v = bool(options.get("use_t2v", True))
+    started = time.perf_counter()
+    model_dir = init
+    if config.caption_recipe:  # stage 1: dense captions, T2V off (paper Table 2c)
+        model_dir = train(_train_config(config.caption_recipe, config, data / "train_captions.json", init,
+                                        out / "stage1", cache, ["model_overrides.use_t2v=false"]))
+    final = train(_train_config(config.recipe, config, data / "train_multiturn.json", model_dir, out / "train", cache,
+                                [f"model_overrides.use_t2v={str(use_t2v).lower()}"]))
+    train_seconds = time.perf_counter() - started
+
+    model, processor = load(final)
+    test = load_records(data / "test.json")
+    if config.eval_questions:
+        test = test[: config.eval_questions]
+    started = time.perf_counter()
+    scores = evaluate(model, processor, test, data)
+    eval_seconds = time.perf_counter() - started
+    (out / "predictions.json").write_text(json.dumps(scores["predictions"], indent=1))
+
+    cfg = model.config
+    result = {
+        "name": name,
+        "settings": settings,
+        "tokens_per_frame": cfg.tokens_per_frame,
+        "llm_visual_tokens": cfg.tokens_per_frame * config.data.frames + cfg.tokens_after_media,
+        "original_tokens_per_frame": cfg.vision_grid_size ** 2,
+        "use_v2v": cfg.use_v2v, "use_t2v": cfg.use_t2v,
+        "dcal_every_k": cfg.dcal_every_k if cfg.use_dcal else None,
+        "dcal_layers": len(cfg.dcal_layer_indices),
+        "v2v_scope": cfg.v2v_scope if cfg.use_v2v else None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1), "threads": threads,
+        "accuracy": scores["accuracy"], "count": scores["count"],
+        "final_loss": _final_loss(out / "train" / "metrics.jsonl"),
+        "model": str(final),
+    }
+    result_file.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _final_loss(metrics: Path) -> float | None:
+    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    tail = [m["loss"] for m in lines[-5:]]
+    return round(sum(tail) / len(tail), 4) if tail else None
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_ablations(config: AblationConfig, only: list[str] | None = None) -> dict:
+    """Run (or resume) every variant, or those in `only`; returns the summary written to
+    `out_dir/results.json`."""
+    names = list(config.variants) if not only else only
+    unknown = [n for n in names if n not in config.variants]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; the config defines {list(config.variants)}")
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+    cores = os.cpu_count() or 1
+    jobs = max(1, min(config.jobs, len(names), cores))
+    threads = max(1, cores // jobs)
+
+    data = prepare_data(config.data, out / "data")
+    vision = prepare_vision(config, data, out / "vision")
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch/accelerate state shared
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        pool.submit(_fill_cache, config, data, vision, out, cores).result()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {name: pool.submit(run_variant, config, name, data, vision, threads) for name in names}
+        results = [futures[name].result() for name in names]
+
+    if config.default_model.variant in names:
+        export_default_model(config, data, futures[config.default_model.variant].result())
+    all_results = _collect(out, config)  # every variant finished so far, also from earlier runs
+    summary = {"config": OmegaConf.to_container(OmegaConf.structured(config)),
+               "vision_pretraining": json.loads((vision / "pretraining.json").read_text()),
+               "machine": _machine(), "variants": all_results}
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.md").write_text(results_table(summary))
+    plot_results(summary, out / "ablations.png")
+    if config.docs_dir:
+        docs = Path(config.docs_dir)
+        docs.mkdir(parents=True, exist_ok=True)
+        for name in ("results.md", "ablations.png", "results.json"):
+            shutil.copy(out / name, docs / name)
+    del results
+    return summary
+
+
+def export_default_model(config: AblationConfig, data: Path, result: dict) -> Path:
+    """Save a variant's trained model as the bundled default (weights in `dtype`), score
+    the saved copy itself on the held-out split, and write its model card."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from crosslmm.data.dataset import load_records
+    from crosslmm.infer import load
+    from crosslmm.model.modeling import CrossLMMForCausalLM
+    from crosslmm.synth.evaluate import evaluate
+
+    hf_logging.disable_progress_bar()
+    spec = config.default_model
+    out = Path(spec.out)
+    if out.exists():
+        shutil.rmtree(out)
+    model, processor = load(result["model"])
+    model.to(getattr(torch, spec.dtype)).save_pretrained(out)
+    processor.save_pretrained(out)
+    exported, exported_processor = load(out)
+    assert isinstance(exported, CrossLMMForCausalLM)
+    test = load_records(data / "test.json")
+    scores = evaluate(exported, exported_processor, test, data)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    card = {"variant": result["name"], "options": result["settings"]["options"], "seed": config.seed,
+            "dtype": spec.dtype, "parameters": result["parameters"], "bytes": size,
+            "held_out_accuracy": scores["accuracy"], "held_out_count": scores["count"]}
+    (out / "training.json").write_text(json.dumps(card, indent=2))
+    return out
+
+
+def _collect(out: Path, config: AblationConfig) -> list[dict]:
+    collected = []
+    for name in config.variants:
+        path = out / "variants" / name / "result.json"
+        if path.exists():
+            collected.append(json.loads(path.read_text()))
+    return collected
+
+
+def _machine() -> str:
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _describe(result: dict) -> str:
+    if not (result["use_v2v"] or result["use_t2v"]):
+        return "none"
+    parts = [p for p, on in (("V2V", result["use_v2v"]), ("T2V", result["use_t2v"])) if on]
+    scope = f", {result['v2v_scope']}" if result["use_v2v"] else ""
+    return f"{'+'.join(parts)} (K={result['dcal_every_k']}{scope})"
+
+
+def results_table(summary: dict) -> str:
+    """Markdown: one row per variant, accuracy (%) on held-out multiple-choice and short
+    answers, per question family (both forms), tokens fed to the LLM, training time."""
+    families = list(FAMILIES)
+    head = ["variant", "LLM visual tokens / video", "DCAL", "MC", "short", *families, "train min"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary["variants"]:
+        acc = r["accuracy"]
+        row = [r["name"], str(r["llm_visual_tokens"]), _describe(r), _pct(acc.get("form/mc")), _pct(acc.get("form/short")),
+               *[_pct(acc.get(f"type/{f}")) for f in families], f"{r['train_seconds'] / 60:.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    counts = summary["variants"][0]["count"] if summary["variants"] else {}
+    lines.append("")
+    lines.append(f"Held-out questions per variant: {counts.get('all', 0)} ({counts.get('form/mc', 0)} multiple choice, "
+                 f"{counts.get('form/short', 0)} short answer); chance on multiple choice is 25 %.")
+    lines.append(f"Machine: {summary['machine']}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(summary: dict, path: str | Path) -> None:
+    """Two panels: per-family accuracy of every variant (grouped bars), and overall
+    multiple-choice / short-answer accuracy against the LLM's visual tokens per video."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = summary["variants"]
+    families = list(FAMILIES)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [2.2, 1]})
+    width = 0.8 / max(len(variants), 1)
+    for i, r in enumerate(variants):
+        values = [100 * r["accuracy"].get(f"type/{f}", 0.0) for f in families]
+        left.bar([x + i * width for x in range(len(families))], values, width, label=r["name"])
+    left.set_xticks([x + 0.4 - width / 2 for x in range(len(families))])
+    left.set_xticklabels([f.replace("_", "\n") for f in families], fontsize=8)
+    left.set_ylabel("held-out accuracy (%), both forms")
+    left.set_ylim(0, 100)
+    left.legend(fontsize=7, ncol=2)
+    left.set_title("Accuracy per question family")
+
+    for r in variants:
+        x = r["llm_visual_tokens"]
+        mc, short = 100 * r["accuracy"].get("form/mc", 0.0), 100 * r["accuracy"].get("form/short", 0.0)
+        right.scatter([x], [mc], marker="o")
+        right.annotate(r["name"], (x, mc), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        right.scatter([x], [short], marker="x", color="grey")
+    right.axhline(25, color="grey", linestyle=":", linewidth=1)
+    right.set_xscale("log", base=2)
+    right.set_xlabel("visual tokens fed to the LLM per video (log)")
+    right.set_ylabel("accuracy (%): o multiple choice, x short answer")
+    right.set_ylim(0, 100)
+    right.set_title("Accuracy vs LLM tokens (dotted: MC chance)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
