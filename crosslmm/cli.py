@@ -76,18 +76,19 @@ def build(
 @app.command("init")
 def init_model(
     out: Path = typer.Option(..., help="Where the randomly initialised checkpoint is written."),
-    preset: str = typer.Option("tiny", help="Model shapes: tiny, reduced, crosslmm-2b, crosslmm-7b."),
+    preset: str = typer.Option("tiny", help="Model shapes: tiny, small, reduced, crosslmm-2b, crosslmm-7b."),
     corpus: list[Path] = typer.Option(..., help="LLaVA-format record files whose text trains the tokenizer."),
     vocab_size: int = typer.Option(1024, help="BPE vocabulary size (specials included)."),
     seed: int = typer.Option(0, help="Weight initialisation seed."),
     tokens_per_frame: int = typer.Option(0, help="Override the preset's tokens per frame (0: keep)."),
+    vision: Path = typer.Option(None, help="A pretrained vision-encoder checkpoint of the preset's shape to start from."),
 ) -> None:
     """A from-scratch CrossLMM: preset shapes, random weights, a tokenizer trained on your data."""
     from crosslmm.checkpoints.scratch import corpus_from_records, init_from_scratch
 
     overrides = {"tokens_per_frame": tokens_per_frame} if tokens_per_frame else {}
     try:
-        path = init_from_scratch(preset, out, corpus_from_records(corpus), vocab_size, seed, **overrides)
+        path = init_from_scratch(preset, out, corpus_from_records(corpus), vocab_size, seed, vision=vision, **overrides)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
     typer.echo(f"wrote {path}")
@@ -115,7 +116,9 @@ def import_llava_ov(
 def ask(
     media: Path = typer.Argument(..., help="A video or image file."),
     question: str = typer.Argument(..., help="The question."),
-    model: Path = typer.Option(..., help="A CrossLMM checkpoint directory (a trained model or `crosslmm build` output)."),
+    model: Path = typer.Option(
+        None, help="A CrossLMM checkpoint directory (a trained model or `crosslmm build` output); "
+        "default: the bundled synthetic-world model (docs/synthetic.md)."),
     num_frames: int = typer.Option(0, help="Frames to sample (0: the processor's saved setting)."),
     max_new_tokens: int = typer.Option(64, help="Longest answer in tokens."),
     sample: bool = typer.Option(False, help="Sample instead of greedy decoding."),
@@ -126,12 +129,12 @@ def ask(
     from transformers.utils import logging as hf_logging
 
     from crosslmm.data.video import VideoDecodeError
-    from crosslmm.infer import answer, load
+    from crosslmm.infer import answer, default_model_dir, load
 
     hf_logging.disable_progress_bar()  # stdout is the answer, nothing else
 
     try:
-        crosslmm_model, processor = load(model, device, **({"num_frames": num_frames} if num_frames else {}))
+        crosslmm_model, processor = load(model or default_model_dir(), device, **({"num_frames": num_frames} if num_frames else {}))
         typer.echo(answer(crosslmm_model, processor, question, [media], max_new_tokens=max_new_tokens,
                           do_sample=sample, temperature=temperature))
     except (FileNotFoundError, VideoDecodeError, ValueError) as err:
@@ -179,6 +182,46 @@ def synth_eval(
         typer.echo(f"{key:>40}: {100 * value:5.1f} %  ({result['count'][key]})")
     if out is not None:
         out.write_text(json.dumps(result, indent=1))
+
+
+@app.command("synth-ablations", context_settings={"allow_extra_args": True})
+def synth_ablations(
+    ctx: typer.Context,
+    config: Path = typer.Argument(Path("configs/synth/ablations.yaml"), help="The ablation YAML."),
+    only: str = typer.Option("", help="Comma-separated variant names (default: all)."),
+) -> None:
+    """Train and score the ablation variants on the synthetic world; writes a table and a plot.
+    Extra `key=value` arguments override the YAML (e.g. out_dir=runs/x jobs=1)."""
+    from crosslmm.synth.ablations import load_ablation_config, run_ablations
+
+    try:
+        summary = run_ablations(load_ablation_config(config, list(ctx.args)),
+                                [n for n in only.split(",") if n] or None)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    out = Path(summary["config"]["out_dir"])
+    typer.echo((out / "results.md").read_text())
+    typer.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'ablations.png'}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo"), help="Folder for demo.mp4 and demo.png."),
+    model: Path = typer.Option(None, help="A CrossLMM checkpoint directory (default: the bundled model)."),
+    seed: int = typer.Option(0, help="Which fresh scene to generate."),
+    questions: int = typer.Option(6, help="How many questions to ask."),
+) -> None:
+    """Generate a video, ask it questions, compare with the truth, and draw where T2V looked."""
+    from transformers.utils import logging as hf_logging
+
+    from crosslmm.infer import default_model_dir
+    from crosslmm.synth.demo import run_demo
+
+    hf_logging.disable_progress_bar()
+    try:
+        run_demo(model or default_model_dir(), out, seed=seed, num_questions=questions)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
 
 
 @app.command(context_settings={"allow_extra_args": True})

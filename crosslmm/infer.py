@@ -13,11 +13,25 @@ import torch
 from crosslmm.data.processor import CrossLMMProcessor
 from crosslmm.model.modeling import CrossLMMForCausalLM
 
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default_model"
+
+
+def default_model_dir() -> Path:
+    """The bundled model: a small CrossLMM trained from scratch on the synthetic world
+    (docs/synthetic.md), so that `crosslmm ask` and `crosslmm demo` work offline on a
+    fresh install. It knows only that world: 64 px scenes of coloured sprites."""
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        raise FileNotFoundError(2, "the bundled default model is missing from this install; pass --model", str(DEFAULT_MODEL))
+    return DEFAULT_MODEL
+
 
 def load(model_dir: str | Path, device: str = "cpu", **processor_options: Any) -> tuple[CrossLMMForCausalLM, CrossLMMProcessor]:
     """Model and processor from one local checkpoint directory (they must agree: the
     processor reads tokens per frame and the placeholder id from the model's config)."""
-    model = CrossLMMForCausalLM.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+    # CPU inference runs in float32 (bf16 matmuls are slow there); the bundled model is
+    # stored in bf16 to stay small. On GPU the checkpoint's own dtype is kept.
+    dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
+    model = CrossLMMForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype).to(device).eval()
     processor = CrossLMMProcessor.from_pretrained(model_dir, config=model.config, **processor_options)
     return model, processor
 

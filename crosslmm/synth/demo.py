@@ -1,0 +1,354 @@
+"""`crosslmm demo`: ask a model about one fresh synthetic video and show where it looked.
+
+Why: accuracy numbers say *whether* a model answers the synthetic world's questions, not
+*how*. CrossLMM's text tokens read the unpooled patch tokens through the text-to-video
+(T2V) cross-attention of its DCAL layers; a model that really uses them should look at
+the quadrant and frame a question names, or at the sprite it asks about. The demo is a
+quick sanity check on a scene no training set holds:
+
+1. one scene of the procedural world (`DEMO_INDEX`, far beyond any dataset's indices) is
+   rendered to `out_dir/demo.mp4` and a handful of questions are drawn about it, one
+   per question family where the scene allows, alternating multiple-choice and
+   one-word forms;
+2. the model answers each greedily; a table shows question, answer, truth and whether
+   it is correct, scored exactly like `crosslmm.synth.evaluate`;
+3. `out_dir/demo.png` shows, per question, the frames the model saw with a heatmap of
+   the T2V attention of the positions that predict the answer's tokens (the last prompt
+   token and every answer token but the last), averaged over heads and DCAL layers.
+   Each row's colour scale spans its whole video, so the picture shows *which frame*
+   as well as *where*.
+
+A model without T2V (`use_t2v=False`) still answers; the picture is skipped with a
+message, since there is no text-to-video attention to show.
+
+The attention is recomputed, not read out: `GatedCrossAttention` runs SDPA, which never
+materialises probabilities. `t2v_attention` runs one forward pass with hooks that catch
+each T2V module's inputs and redoes its softmax (same projections, scale and mask) for
+the requested query rows only; `cross_attention_probabilities` is that recomputation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crosslmm.data.processor import CrossLMMProcessor
+from crosslmm.data.video import VideoClip, load_media
+from crosslmm.infer import load
+from crosslmm.model.cross_attention import GatedCrossAttention
+from crosslmm.model.dcal import DCALContext, DCALDecoderLayer
+from crosslmm.model.modeling import CrossLMMForCausalLM
+from crosslmm.synth.evaluate import extract
+from crosslmm.synth.world import (
+    FAMILIES,
+    FORMS,
+    MC_SUFFIX,
+    SHORT_SUFFIX,
+    Balancer,
+    Scene,
+    answer_text,
+    encode_video,
+    make_questions,
+    render,
+    scene_for,
+)
+
+# Video index of the demo scene: write_dataset uses indices 0..n-1, so no training set
+# of any realistic size contains this scene, whatever its seed.
+DEMO_INDEX = 1_000_000_000
+MAX_NEW_TOKENS = 8  # as crosslmm.synth.evaluate: answers are a letter or one word
+
+
+# --------------------------------------------------------------------------- questions
+
+
+def demo_questions(scene: Scene, seed: int, count: int) -> list[dict]:
+    """Up to `count` records about `scene`: families spread first (one per family while
+    the scene answers enough of them), forms alternating mc / short by family order."""
+    balancer = Balancer()
+    for i, family in enumerate(FAMILIES):  # mark one form as used: the other is picked first
+        balancer.forms[family, FORMS[i % 2]] += 1
+    rng = np.random.default_rng([seed, 1, DEMO_INDEX])
+    records = make_questions(scene, rng, count, balancer)
+    return [{"id": f"demo_q{j}", "video": "demo.mp4", **record} for j, record in enumerate(records)]
+
+
+def one_line(record: dict) -> str:
+    """The question without placeholder and answer instruction, options on the same line."""
+    text = record["conversations"][0]["value"].replace("<video>", "")
+    lines = [line.strip() for line in text.splitlines() if line.strip() not in ("", MC_SUFFIX, SHORT_SUFFIX)]
+    return " ".join(lines)
+
+
+def truth_text(record: dict) -> str:
+    """"B (red)" for multiple choice, the word itself for short answers."""
+    if record["form"] == "mc":
+        return f"{record['answer']} ({answer_text(record)})"
+    return record["answer"]
+
+
+def is_correct(prediction: str, record: dict) -> bool:
+    """Scored as crosslmm.synth.evaluate does: option letter, or first word lower-cased."""
+    expected = record["answer"] if record["form"] == "mc" else str(record["answer"]).lower()
+    return extract(prediction, record["form"]) == expected
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def cross_attention_probabilities(
+    attention: GatedCrossAttention,
+    hidden: torch.Tensor,  # (G, Lq, D) the module's query input
+    key: torch.Tensor,  # (G, Hkv, S, hd)
+    key_mask: torch.Tensor | None = None,  # (G, Lq, S) bool, True = may attend
+) -> torch.Tensor:
+    """(G, H, Lq, S) float32 softmax probabilities of `attention.forward` on the same
+    inputs: query head h = j*rep + r reads K/V head j, scale 1/sqrt(head_dim), and a row
+    whose mask allows nothing sees every key (as forward does before zeroing it)."""
+    groups, num_queries, _ = hidden.shape
+    hkv, rep, hd = attention.num_key_value_heads, attention.heads_per_group, attention.head_dim
+    query = attention.q_proj(attention.norm(hidden)).view(groups, num_queries, hkv, rep, hd).float()
+    scores = torch.einsum("gqjrd,gjsd->gjrqs", query, key.float()) / math.sqrt(hd)  # (G, Hkv, rep, Lq, S)
+    scores = scores.reshape(groups, hkv * rep, num_queries, key.shape[2])  # (G, H, Lq, S)
+    if key_mask is not None:
+        key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
+        scores = scores.masked_fill(~key_mask[:, None], float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def t2v_layers(model: CrossLMMForCausalLM) -> list[DCALDecoderLayer]:
+    """The DCAL layers that have a T2V cross-attention (empty without T2V)."""
+    return [layer for layer in model.decoder_layers if isinstance(layer, DCALDecoderLayer) and layer.t2v is not None]
+
+
+def expanded_positions(model: CrossLMMForCausalLM, input_ids: torch.Tensor, media_num_frames: torch.Tensor,
+                       positions: Sequence[int]) -> list[int]:
+    """Positions in `input_ids[0]` -> positions in the sequence the LLM runs on, where
+    each media placeholder has become its frames' pooled tokens (see model/splice.py)."""
+    ids = input_ids[0]
+    widths = torch.ones_like(ids)
+    placeholder = ids == model.config.media_token_id
+    per_media = media_num_frames.to(ids.device) * model.config.tokens_per_frame + model.config.tokens_after_media
+    widths[placeholder] = per_media
+    starts = torch.cumsum(widths, 0) - widths  # (L,) first expanded position of each input token
+    for p in positions:
+        if bool(placeholder[p]):
+            raise ValueError(f"position {p} is a media placeholder, not a text token")
+    return [int(starts[p]) for p in positions]
+
+
+@torch.no_grad()
+def t2v_attention(model: CrossLMMForCausalLM, inputs: dict[str, Any], positions: Sequence[int]) -> torch.Tensor:
+    """Where the T2V cross-attention of the text tokens at `positions` (indices into
+    `inputs["input_ids"][0]`) looked: (frames, grid, grid) float32, summing to 1.
+
+    One forward pass over `inputs` (a batch of one, as the processor builds it); hooks
+    catch every T2V module's inputs and the `DCALContext` of its layer, and the softmax
+    is recomputed for the requested query rows only. Averaged over those rows, all
+    heads and all DCAL layers with T2V. Raises ValueError without T2V."""
+    layers = t2v_layers(model)
+    if not layers:
+        raise ValueError("this model has no T2V cross-attention (use_t2v=False): there is no attention to show")
+    if inputs["input_ids"].shape[0] != 1:
+        raise ValueError(f"t2v_attention takes a batch of one, got {inputs['input_ids'].shape[0]} rows")
+    if inputs.get("media_num_frames") is None or not len(inputs["media_num_frames"]):
+        raise ValueError("t2v_attention needs media in the inputs")
+    targets = expanded_positions(model, inputs["input_ids"], inputs["media_num_frames"], positions)
+    contexts: dict[int, DCALContext] = {}
+    per_layer: list[torch.Tensor] = []  # (S,) mean attention over rows and heads, one per layer
+    layout: dict[str, int] = {}
+
+    def grab_context(layer: DCALDecoderLayer, args: tuple, kwargs: dict) -> None:
+        contexts[layer.layer_idx] = kwargs.get("dcal_context")
+
+    def recompute(layer: DCALDecoderLayer, attention: GatedCrossAttention, args: tuple, kwargs: dict) -> None:
+        bound = inspect.signature(attention.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        hidden, key, key_mask = bound.arguments["hidden"], bound.arguments["key"], bound.arguments["key_mask"]
+        groups = contexts[layer.layer_idx].t2v
+        # Batch of one: one group (G = 1); find each target position among its queries.
+        query_index = groups.query_index[0]  # (Lq,) flat positions b*L' + t
+        rows = []
+        for position, target in zip(positions, targets):
+            hits = (query_index == target).nonzero()
+            if not len(hits) or int(groups.visible_frames[0, hits[0, 0]]) == 0:
+                raise ValueError(f"position {position} is not a text token after the media")
+            rows.append(int(hits[0, 0]))
+        rows_t = torch.tensor(rows, device=hidden.device)
+        mask = None if key_mask is None else key_mask[:1, rows_t]  # (1, R, S)
+        probs = cross_attention_probabilities(attention, hidden[:1, rows_t], key[:1], mask)  # (1, H, R, S)
+        per_layer.append(probs[0].mean(dim=(0, 1)))  # (S,)
+        layout["frames"], layout["tokens"] = groups.key_frames.shape[1], contexts[layer.layer_idx].tokens_per_frame
+
+    handles = []
+    try:
+        for layer in layers:
+            handles.append(layer.register_forward_pre_hook(grab_context, with_kwargs=True))
+            handles.append(layer.t2v.register_forward_hook(
+                lambda module, args, kwargs, output, layer=layer: recompute(layer, module, args, kwargs),
+                with_kwargs=True,
+            ))
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not per_layer:
+        raise ValueError("no T2V cross-attention ran: the inputs hold no media the text could attend to")
+    grid = math.isqrt(layout["tokens"])
+    if grid * grid != layout["tokens"]:
+        raise ValueError(f"{layout['tokens']} original tokens per frame do not form a square patch grid")
+    mean = torch.stack(per_layer).mean(dim=0)  # (S,) = (frames * grid * grid,), frame-major, row-major
+    return mean.view(layout["frames"], grid, grid)
+
+
+# --------------------------------------------------------------------------- asking
+
+
+@torch.no_grad()
+def ask(model: CrossLMMForCausalLM, processor: CrossLMMProcessor, record: dict, clip: VideoClip, *, max_new_tokens: int = MAX_NEW_TOKENS,
+        with_attention: bool = True) -> tuple[str, torch.Tensor | None]:
+    """The model's greedy answer to a record's question about `clip`, and the T2V
+    attention (frames, grid, grid) of the positions that predict the answer's tokens
+    (None when `with_attention` is False).
+
+    Mirrors `crosslmm.infer.answer` (same prompt, greedy decoding, same decoding of the
+    text) but keeps the generated token ids, which the attention pass needs exactly."""
+    inputs = processor([{"role": "user", "content": record["conversations"][0]["value"]}], media=[clip])
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    prompt_length = inputs["input_ids"].shape[1]
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens)
+    generated = output[0, prompt_length:]  # (new,)
+    prediction = processor.tokenizer.decode(generated, skip_special_tokens=True).strip()
+    if not with_attention:
+        return prediction, None
+
+    # Answer tokens: what was generated before the first special token (end of turn, pad).
+    special = torch.tensor(processor.tokenizer.all_special_ids, device=device)
+    stops = torch.isin(generated, special).nonzero()
+    answer_ids = generated[: int(stops[0, 0]) if len(stops) else len(generated)]  # (n,)
+    full = dict(inputs)
+    full["input_ids"] = torch.cat([inputs["input_ids"], answer_ids[None]], dim=1)  # (1, L + n)
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    # Position i predicts token i + 1: the last prompt token and all answer tokens but the
+    # last predict the answer; an empty answer falls back to the position predicting EOS.
+    positions = range(prompt_length - 1, prompt_length - 1 + max(1, len(answer_ids)))
+    return prediction, t2v_attention(model, full, list(positions))
+
+
+# --------------------------------------------------------------------------- output
+
+
+def format_table(results: Sequence[dict]) -> str:
+    """A plain-text table: question, model answer, truth, correct."""
+    header = ("question", "model", "truth", "ok")
+    rows = [(r["question"], repr(r["prediction"]), r["truth"], "yes" if r["correct"] else "no") for r in results]
+    widths = [min(max(len(row[i]) for row in [header, *rows]), 90 if i == 0 else 24) for i in range(4)]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [cell if len(cell) <= w else cell[: w - 3] + "..." for cell, w in zip(row, widths)]
+        return "  ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip()
+
+    correct = sum(r["correct"] for r in results)
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows),
+                      f"{correct}/{len(results)} correct"])
+
+
+def save_figure(clip: VideoClip, results: Sequence[dict], attention: Sequence[torch.Tensor], path: str | Path) -> None:
+    """One row per question, one column per frame the model saw; each frame overlaid
+    with its T2V heatmap, the colour scale of a row spanning its whole video."""
+    from matplotlib.figure import Figure  # renders with Agg, no pyplot state
+
+    num_frames = clip.num_frames
+    height, width = clip.frames.shape[1:3]
+    fig = Figure(figsize=(1.5 * num_frames, 1.9 * len(results) + 0.9), layout="constrained")
+    fig.suptitle(
+        "Where the text-to-video cross-attention looked while answering\n"
+        "(positions predicting the answer, mean over heads and T2V layers; "
+        "colour scale per row from 0 to its peak over the whole video: brighter = more attention;\n"
+        "peak = the highest patch's weight relative to flat attention, 1.00x = the model looks everywhere equally)",
+        fontsize=10,
+    )
+    rows = fig.subfigures(len(results), 1, squeeze=False)[:, 0]
+    for row, result, heat in zip(rows, results, attention):
+        heat = heat.numpy()  # (frames, grid, grid), sums to 1
+        peak = float(heat.max()) * heat.size  # 1.0 = flat attention
+        verdict = "correct" if result["correct"] else "wrong"
+        row.suptitle(f"{_shorten(result['question'], 120)}\nmodel: {result['prediction']!r}   "
+                     f"truth: {result['truth']}   ({verdict})   peak {peak:.2f}x uniform", fontsize=8)
+        axes = row.subplots(1, num_frames, squeeze=False)[0]
+        for t, ax in enumerate(axes):
+            ax.imshow(clip.frames[t], extent=(0, width, height, 0))
+            # The patch grid covers the whole frame (square resize), one cell per patch.
+            ax.imshow(heat[t], extent=(0, width, height, 0), cmap="inferno", alpha=0.55, vmin=0.0,
+                      vmax=float(heat.max()) or 1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(f"frame {t + 1}", fontsize=7)
+    fig.savefig(path, dpi=100)
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def run_demo(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    seed: int = 0,
+    num_questions: int = 6,
+    *,
+    device: str = "cpu",
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    echo: bool = True,
+) -> dict:
+    """Write `out_dir/demo.mp4`, answer `num_questions` questions about it with the model
+    in `model_dir`, print the table (unless `echo` is False) and, when the model has
+    T2V, write `out_dir/demo.png`.
+
+    Returns {"video": path, "figure": path or None, "note": why there is no figure or
+    None, "results": one dict per question (id, type, form, question, prediction,
+    answer, truth, correct), "attention": (frames, grid, grid) tensors or None,
+    "accuracy": fraction correct}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scene = scene_for(seed, DEMO_INDEX)
+    video = out_dir / "demo.mp4"
+    encode_video(render(scene), video)
+    records = demo_questions(scene, seed, num_questions)
+
+    model, processor = load(model_dir, device)
+    clip = load_media(video, **processor.sampling)  # the frames the model sees, decoded once
+    with_attention = bool(t2v_layers(model))
+    results, attention = [], []
+    for record in records:
+        prediction, heat = ask(model, processor, record, clip, max_new_tokens=max_new_tokens,
+                               with_attention=with_attention)
+        results.append({"id": record["id"], "type": record["type"], "form": record["form"],
+                        "question": one_line(record), "prediction": prediction, "answer": record["answer"],
+                        "truth": truth_text(record), "correct": is_correct(prediction, record)})
+        attention.append(heat)
+
+    figure, note = None, None
+    if with_attention:
+        figure = out_dir / "demo.png"
+        save_figure(clip, results, attention, figure)
+    else:
+        note = "the model has no T2V cross-attention (use_t2v=False): answers only, no attention picture"
+    if echo:
+        print(format_table(results))
+        print(f"video: {video}")
+        print(f"attention picture: {figure}" if figure else f"no picture: {note}")
+    return {
+        "video": str(video), "figure": str(figure) if figure else None, "note": note, "results": results,
+        "attention": attention, "accuracy": sum(r["correct"] for r in results) / max(1, len(results)),
+    }

@@ -1,0 +1,97 @@
+"""`crosslmm.synth.demo`: the recomputed T2V attention is the module's own, and the demo
+writes its video, table and picture for a tiny random model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen2Config
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+from crosslmm.checkpoints.scratch import init_from_scratch
+from crosslmm.data.video import load_media
+from crosslmm.infer import load
+from crosslmm.model.cross_attention import GatedCrossAttention
+from crosslmm.synth.demo import (
+    DEMO_INDEX,
+    cross_attention_probabilities,
+    demo_questions,
+    run_demo,
+    t2v_attention,
+    t2v_layers,
+)
+from crosslmm.synth.world import Balancer, encode_video, make_questions, render, scene_for
+
+
+def _corpus() -> list[str]:
+    texts = ["system", "user", "assistant"]
+    for index in range(6):
+        for record in make_questions(scene_for(0, index), np.random.default_rng(index), 6, Balancer()):
+            texts += [turn["value"].replace("<video>", "").strip() for turn in record["conversations"]]
+    return texts
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return init_from_scratch("tiny", tmp_path_factory.mktemp("demo") / "model", _corpus(), vocab_size=300,
+                             tokens_per_frame=1, use_v2v=True, use_t2v=True)
+
+
+def test_recomputed_probabilities_reproduce_the_modules_output():
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    attention = GatedCrossAttention(config, Qwen2RMSNorm).eval()
+    with torch.no_grad():
+        attention.gate.fill_(0.5)
+    groups, queries, keys = 2, 5, 12
+    hidden = torch.randn(groups, queries, 64)
+    key, value = (torch.randn(groups, 2, keys, 16) for _ in range(2))
+    key_mask = torch.rand(groups, queries, keys) < 0.6
+    key_mask[0, 1] = False  # a row that may see nothing: forward lets it see everything
+
+    probs = cross_attention_probabilities(attention, hidden, key, key_mask)  # (G, H, Lq, S)
+    assert probs.shape == (groups, 4, queries, keys) and bool((probs >= 0).all())
+    torch.testing.assert_close(probs.sum(-1), torch.ones(groups, 4, queries))
+    assert bool((probs[1, :, 2][:, ~key_mask[1, 2]] == 0).all())
+    # probs @ V, query head h reading K/V head h // 2, then o_proj and the gate: forward's output.
+    out = probs @ value.repeat_interleave(2, dim=1)  # (G, H, Lq, hd)
+    out = out.permute(0, 2, 1, 3).reshape(groups, queries, 64)
+    with torch.no_grad():
+        expected = attention(hidden, key, value, key_mask)
+        torch.testing.assert_close(torch.tanh(attention.gate) * attention.o_proj(out), expected)
+
+
+def test_t2v_attention_is_a_distribution_over_frames_and_patches(model_dir, tmp_path):
+    model, processor = load(model_dir)
+    video = tmp_path / "v.mp4"
+    encode_video(render(scene_for(0, DEMO_INDEX)), video)
+    inputs = processor([{"role": "user", "content": "<video>\nWhat colour is the object?"}],
+                       media=[load_media(video, **processor.sampling)])
+    length = inputs["input_ids"].shape[1]
+    heat = t2v_attention(model, inputs, [length - 3, length - 1])
+    grid = model.config.vision_grid_size
+    assert heat.shape == (8, grid, grid) == (8, 14, 14)
+    assert bool((heat >= 0).all()) and abs(float(heat.sum()) - 1) < 1e-4
+    assert all(not layer._forward_pre_hooks and not layer.t2v._forward_hooks for layer in t2v_layers(model))
+    with pytest.raises(ValueError, match="not a text token after the media"):
+        t2v_attention(model, inputs, [0])  # the chat header comes before the video
+
+
+def test_run_demo_writes_video_table_and_picture(model_dir, tmp_path, capsys):
+    summary = run_demo(model_dir, tmp_path / "out", seed=3, num_questions=3)
+    records = demo_questions(scene_for(3, DEMO_INDEX), 3, 3)
+    assert (tmp_path / "out" / "demo.mp4").stat().st_size > 0
+    assert (tmp_path / "out" / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert [r["answer"] for r in summary["results"]] == [r["answer"] for r in records]
+    assert len({r["type"] for r in records}) == 3 and {r["form"] for r in records} == {"mc", "short"}
+    assert all(heat.shape == (8, 14, 14) for heat in summary["attention"])
+    table = capsys.readouterr().out
+    assert "truth" in table and f"/{len(records)} correct" in table
+
+
+def test_run_demo_without_t2v_answers_but_skips_the_picture(tmp_path):
+    plain = init_from_scratch("tiny", tmp_path / "model", _corpus(), vocab_size=300, tokens_per_frame=1, use_t2v=False)
+    summary = run_demo(plain, tmp_path / "out", num_questions=1, echo=False)
+    assert len(summary["results"]) == 1 and summary["figure"] is None and "T2V" in summary["note"]
+    assert not (tmp_path / "out" / "demo.png").exists()
