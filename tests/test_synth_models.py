@@ -110,7 +110,8 @@ def test_ablation_runner_end_to_end_and_resumes(tmp_path):
     yaml.write_text(
         f"out_dir: {tmp_path / 'run'}\n"
         f"docs_dir: {tmp_path / 'docs'}\n"
-        "data: {n: 10, seed: 1, questions_per_video: 2}\n"
+        "data: {n: 20, seed: 1, questions_per_video: 2}\n"  # 2 held-out videos, 4 questions
+
         "vision: {scenes: 6, steps: 2, batch_frames: 16}\n"
         f"caption_recipe: {REPO / 'configs/synth/captions.yaml'}\n"
         f"recipe: {REPO / 'configs/synth/llm.yaml'}\n"
