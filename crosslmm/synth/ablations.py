@@ -275,7 +275,8 @@ def run_ablations(config: AblationConfig, only: list[str] | None = None) -> dict
         pool.submit(_fill_cache, config, data, vision, out, cores).result()
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {name: pool.submit(run_variant, config, name, data, vision, threads) for name in names}
-        results = [futures[name].result() for name in names]
+        for name in names:  # re-raises a variant's error here
+            futures[name].result()
 
     if config.default_model.variant in names:
         export_default_model(config, data, futures[config.default_model.variant].result())
@@ -291,7 +292,6 @@ def run_ablations(config: AblationConfig, only: list[str] | None = None) -> dict
         docs.mkdir(parents=True, exist_ok=True)
         for name in ("results.md", "ablations.png", "results.json"):
             shutil.copy(out / name, docs / name)
-    del results
     return summary
 
 
