@@ -134,7 +134,8 @@ def ask(
     hf_logging.disable_progress_bar()  # stdout is the answer, nothing else
 
     try:
-        crosslmm_model, processor = load(model or default_model_dir(), device, **({"num_frames": num_frames} if num_frames else {}))
+        options = {"num_frames": num_frames} if num_frames else {}
+        crosslmm_model, processor = load(model or default_model_dir(), device, **options)
         typer.echo(answer(crosslmm_model, processor, question, [media], max_new_tokens=max_new_tokens,
                           do_sample=sample, temperature=temperature))
     except (FileNotFoundError, VideoDecodeError, ValueError) as err:

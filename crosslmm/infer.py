@@ -37,15 +37,17 @@ def load(model_dir: str | Path, device: str = "cpu", **processor_options: Any) -
 
 
 @torch.inference_mode()
-def answer(
+def generate_answer(
     model: CrossLMMForCausalLM,
     processor: CrossLMMProcessor,
     question: str,
-    media: Sequence[str | os.PathLike] = (),
+    media: Sequence[Any] = (),
     **generation: Any,
-) -> str:
-    """The model's answer to `question` about `media` (videos or images, in order). The
-    question may place the media with `<video>`/`<image>`; otherwise they come first."""
+) -> tuple[str, dict[str, Any], torch.Tensor]:
+    """The answer text, the model inputs of the prompt and the generated token ids (n,):
+    for callers that need more than the text (the demo's attention pass). `media` are
+    paths or already decoded clips/images; the question may place them with
+    `<video>`/`<image>`, otherwise they come first."""
     if media and not any(tag in question for tag in ("<video>", "<image>", "<media>")):
         question = "".join("<video>\n" for _ in media) + question
     inputs = processor([{"role": "user", "content": question}], media=list(media))
@@ -53,4 +55,16 @@ def answer(
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     generation.setdefault("max_new_tokens", 64)
     output = model.generate(**inputs, **generation)
-    return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    generated = output[0, inputs["input_ids"].shape[1]:]
+    return processor.tokenizer.decode(generated, skip_special_tokens=True).strip(), inputs, generated
+
+
+def answer(
+    model: CrossLMMForCausalLM,
+    processor: CrossLMMProcessor,
+    question: str,
+    media: Sequence[str | os.PathLike] = (),
+    **generation: Any,
+) -> str:
+    """The model's answer to `question` about `media` (videos or images, in order)."""
+    return generate_answer(model, processor, question, media, **generation)[0]

@@ -133,6 +133,8 @@ def prepare_vision(config: AblationConfig, data: Path, folder: Path) -> Path:
     train_ids = split["train"]
     scenes = [scene_for(d.seed, i, d.frames, d.size) for i in train_ids[: spec.scenes]]
     held = [scene_for(d.seed, i, d.frames, d.size) for i in train_ids[spec.scenes: spec.scenes + 100]]
+    # Features encoded by an earlier encoder are stale: the cache is derived from this folder.
+    shutil.rmtree(Path(config.out_dir) / "feature_cache", ignore_errors=True)
     report = pretrain_vision(preset_config(config.preset), scenes, held, folder, steps=spec.steps,
                              batch_frames=spec.batch_frames, learning_rate=spec.learning_rate, seed=config.seed)
     report["spec"] = asdict(spec)
@@ -154,6 +156,16 @@ def _corpus(data: Path) -> list[str]:
     from crosslmm.checkpoints.scratch import corpus_from_records
 
     return corpus_from_records([data / "train.json", data / "train_captions.json"])
+
+
+def _cache_complete(folder: Path, data: Path) -> bool:
+    """Whether the cache holds one entry per training video (each record of the
+    multi-turn file is one video; a changed encoder removed the cache, see prepare_vision)."""
+    index = folder / "index.json"
+    if not index.exists():
+        return False
+    videos = len(json.loads((data / "train_multiturn.json").read_text()))
+    return len(json.loads(index.read_text())["items"]) == videos
 
 
 def _fill_cache(config: AblationConfig, data: Path, vision: Path, folder: Path, threads: int) -> None:
@@ -271,8 +283,9 @@ def run_ablations(config: AblationConfig, only: list[str] | None = None) -> dict
     data = prepare_data(config.data, out / "data")
     vision = prepare_vision(config, data, out / "vision")
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch/accelerate state shared
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        pool.submit(_fill_cache, config, data, vision, out, cores).result()
+    if not _cache_complete(out / "feature_cache", data):
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            pool.submit(_fill_cache, config, data, vision, out, cores).result()
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {name: pool.submit(run_variant, config, name, data, vision, threads) for name in names}
         for name in names:  # re-raises a variant's error here

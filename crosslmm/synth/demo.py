@@ -40,11 +40,11 @@ import torch
 
 from crosslmm.data.processor import CrossLMMProcessor
 from crosslmm.data.video import VideoClip, load_media
-from crosslmm.infer import load
+from crosslmm.infer import generate_answer, load
 from crosslmm.model.cross_attention import GatedCrossAttention
 from crosslmm.model.dcal import DCALContext, DCALDecoderLayer
 from crosslmm.model.modeling import CrossLMMForCausalLM
-from crosslmm.synth.evaluate import extract
+from crosslmm.synth.evaluate import is_correct
 from crosslmm.synth.world import (
     FAMILIES,
     FORMS,
@@ -91,12 +91,6 @@ def truth_text(record: dict) -> str:
     if record["form"] == "mc":
         return f"{record['answer']} ({answer_text(record)})"
     return record["answer"]
-
-
-def is_correct(prediction: str, record: dict) -> bool:
-    """Scored as crosslmm.synth.evaluate does: option letter, or first word lower-cased."""
-    expected = record["answer"] if record["form"] == "mc" else str(record["answer"]).lower()
-    return extract(prediction, record["form"]) == expected
 
 
 # --------------------------------------------------------------------------- attention
@@ -217,15 +211,11 @@ def ask(model: CrossLMMForCausalLM, processor: CrossLMMProcessor, record: dict, 
     attention (frames, grid, grid) of the positions that predict the answer's tokens
     (None when `with_attention` is False).
 
-    Mirrors `crosslmm.infer.answer` (same prompt, greedy decoding, same decoding of the
-    text) but keeps the generated token ids, which the attention pass needs exactly."""
-    inputs = processor([{"role": "user", "content": record["conversations"][0]["value"]}], media=[clip])
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    The generated token ids (not a re-tokenised answer text) feed the attention pass."""
+    prediction, inputs, generated = generate_answer(model, processor, record["conversations"][0]["value"], [clip],
+                                                    max_new_tokens=max_new_tokens)  # generated: (new,)
     prompt_length = inputs["input_ids"].shape[1]
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens)
-    generated = output[0, prompt_length:]  # (new,)
-    prediction = processor.tokenizer.decode(generated, skip_special_tokens=True).strip()
+    device = generated.device
     if not with_attention:
         return prediction, None
 

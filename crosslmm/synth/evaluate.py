@@ -25,6 +25,12 @@ def extract(prediction: str, form: str) -> str:
     return words[0] if words else ""
 
 
+def is_correct(prediction: str, record: dict) -> bool:
+    """The option letter (multiple choice) or the first word, lower-cased (short answer)."""
+    expected = record["answer"] if record["form"] == "mc" else str(record["answer"]).lower()
+    return extract(prediction, record["form"]) == expected
+
+
 def evaluate(model, processor, records: list[dict], media_root: str | Path, max_new_tokens: int = 8) -> dict:
     """Greedy answers for `records`; returns overall and per (type, form) accuracy and the
     predictions themselves."""
@@ -33,8 +39,7 @@ def evaluate(model, processor, records: list[dict], media_root: str | Path, max_
     for record in records:
         question = record["conversations"][0]["value"]
         raw = answer(model, processor, question, [Path(media_root) / record["video"]], max_new_tokens=max_new_tokens)
-        correct = int(extract(raw, record["form"]) == str(record["answer"]).lower() or
-                      (record["form"] == "mc" and extract(raw, "mc") == record["answer"]))
+        correct = int(is_correct(raw, record))
         for key in ("all", f"form/{record['form']}", f"type/{record['type']}", f"type/{record['type']}/{record['form']}"):
             hits[key].append(correct)
         predictions.append({"id": record["id"], "prediction": raw, "answer": record["answer"], "correct": bool(correct)})
