@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from checkpoint_factory import make_llm, make_vision
 from crosslmm.checkpoints.build import build
 from crosslmm.cli import app
+from crosslmm.train.config import load_train_config
 
 ROOT = Path(__file__).parents[1]
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "white": (235, 235, 235)}
@@ -120,6 +121,19 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(workspace, tmp_p
     args = _args(workspace, "stage1.yaml", split, max_steps=8, epochs=2, resume="latest", per_device_batch_size=1)
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0 and "global batch" in str(result.exception)
+
+
+def test_constant_schedule_holds_the_peak_learning_rate_after_warmup(workspace, tmp_path):
+    out = tmp_path / "constant"
+    _run(_args(workspace, "stage1.yaml", out, max_steps=4, epochs=4, **{"optim.schedule": "constant",
+                                                                          "optim.warmup_ratio": 0.25}))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    peak = load_train_config(ROOT / "configs" / "stage1.yaml", [f"model={workspace}", "output_dir=x",
+                                                                 "data.train=x"]).optim.learning_rate
+    rates = [value for row in rows for key, value in row.items() if key.startswith("lr/") and row["step"] > 1]
+    assert rates and all(rate == pytest.approx(peak) for rate in rates)
+    with pytest.raises(ValueError, match="optim.schedule"):
+        load_train_config(None, ["model=m", "output_dir=o", "data.train=d", "optim.schedule=linear"])
 
 
 def test_an_empty_micro_batch_still_runs_forward_and_backward_with_zero_loss(workspace):

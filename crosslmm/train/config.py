@@ -37,6 +37,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_ratio: float = 0.03
+    schedule: str = "cosine"  # after warmup: cosine (decays to 0 at the last step) | constant
     max_grad_norm: float = 1.0
 
 
@@ -84,6 +85,8 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
     config.mixed_precision = {"false": "no", "none": "no"}.get(str(config.mixed_precision).lower(), config.mixed_precision)
     if config.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
+    if config.optim.schedule not in ("cosine", "constant"):
+        raise ValueError(f"optim.schedule must be cosine or constant, got {config.optim.schedule!r}")
     if config.stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {config.stage}")
     if config.feature_cache and "vision" in config.optim.trainable:

@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from crosslmm.data.dataset import DataCollator, LengthGroupedSampler, LLaVADataset, load_mixture, load_records
 from crosslmm.data.processor import CrossLMMProcessor
@@ -156,7 +156,11 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} records cannot fill one global batch of {global_batch}")
     total_steps = config.max_steps if config.max_steps > 0 else config.epochs * steps_per_epoch
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.optim.warmup_ratio * total_steps), total_steps)
+    warmup_steps = math.ceil(config.optim.warmup_ratio * total_steps)
+    if config.optim.schedule == "constant":
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    else:
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
 
