@@ -165,20 +165,27 @@ def synth_eval(
     split: str = typer.Option("test", help="Which split's questions."),
     limit: int = typer.Option(0, help="Only the first N questions (0: all)."),
     out: Path = typer.Option(None, help="Also write accuracies and predictions as JSON here."),
+    captions: bool = typer.Option(False, help="Score caption grounding on the split's videos instead of questions "
+                                              "(--limit counts videos)."),
 ) -> None:
-    """Accuracy on the synthetic world's questions, per question type and form."""
+    """Accuracy on the synthetic world's questions, per question type and form; with
+    --captions, teacher-forced accuracy on the novel words of the videos' captions with the
+    right video and with another video (what the model reads from the pixels)."""
     import json
 
     from transformers.utils import logging as hf_logging
 
     from crosslmm.infer import load
-    from crosslmm.synth.evaluate import evaluate
+    from crosslmm.synth.evaluate import caption_grounding, evaluate, split_scenes
 
     hf_logging.disable_progress_bar()
-    records = json.loads((data / f"{split}.json").read_text())
-    records = records[:limit] if limit else records
     crosslmm_model, processor = load(model)
-    result = evaluate(crosslmm_model, processor, records, data)
+    if captions:
+        result = caption_grounding(crosslmm_model, processor, split_scenes(data, split, limit), data)
+    else:
+        records = json.loads((data / f"{split}.json").read_text())
+        records = records[:limit] if limit else records
+        result = evaluate(crosslmm_model, processor, records, data)
     for key, value in result["accuracy"].items():
         typer.echo(f"{key:>40}: {100 * value:5.1f} %  ({result['count'][key]})")
     if out is not None:

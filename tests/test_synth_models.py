@@ -130,10 +130,11 @@ def test_ablation_runner_end_to_end_and_resumes(tmp_path):
     assert pooled["dcal_layers"] == 0 and both["dcal_layers"] == 2 and both["use_t2v"]
     assert pooled["llm_visual_tokens"] == both["llm_visual_tokens"] == 8
     assert pooled["count"]["all"] == 3
+    assert {"video/all", "other/all", "video/colour"} <= set(both["caption_grounding"])
     for name in ("results.md", "ablations.png", "results.json"):
         assert (tmp_path / "docs" / name).stat().st_size > 0
     table = (tmp_path / "docs" / "results.md").read_text()
-    assert "| pooled |" in table and "| both |" in table
+    assert "| pooled |" in table and "| both |" in table and "caption words" in table
     card = json.loads((tmp_path / "default" / "training.json").read_text())
     assert card["variant"] == "both" and card["held_out_count"]["all"] == len(
         json.loads((tmp_path / "run" / "data" / "test.json").read_text()))
@@ -145,3 +146,47 @@ def test_ablation_runner_end_to_end_and_resumes(tmp_path):
     before = result.stat().st_mtime_ns
     run_ablations(load_ablation_config(yaml), only=["pooled"])
     assert result.stat().st_mtime_ns == before
+
+
+def test_novel_caption_words_name_each_sprite_once_and_every_move(data):
+    from crosslmm.synth.evaluate import novel_caption_words
+
+    for index in range(6):
+        scene = scene_for(3, index)
+        text = caption(scene)
+        words = novel_caption_words(text)
+        by_category = {c: [text[a:b] for cat, a, b in words if cat == c] for c in ("colour", "shape", "pattern", "motion")}
+        seen = [obj for obj in scene.objects if any(obj in scene.visible_at(t) for t in range(scene.frames))]
+        assert sorted(by_category["colour"]) == sorted(obj.color for obj in seen)
+        assert sorted(by_category["shape"]) == sorted(obj.shape for obj in seen)
+        assert sorted(by_category["pattern"]) == sorted(obj.pattern for obj in seen if obj.pattern != "plain")
+        assert by_category["motion"] == [obj.direction for obj in scene.objects]
+        places = [text[a:b] for cat, a, b in words if cat == "place"]
+        assert len(places) >= len(seen) and all(p in ("top-left", "top-right", "bottom-left", "bottom-right")
+                                                 for p in places)
+
+
+def test_caption_grounding_reads_the_answer_positions_the_loss_trains(data, tmp_path):
+    from crosslmm.infer import load
+    from crosslmm.synth.evaluate import caption_grounding, novel_caption_words, split_scenes
+    from crosslmm.synth.world import caption_record
+
+    corpus = corpus_from_records([data / "train.json", data / "train_captions.json"])
+    model, processor = load(init_from_scratch("small", tmp_path / "m", corpus, vocab_size=300))
+    scenes = split_scenes(data, "train", limit=3)
+    assert len(scenes) == 3
+    result = caption_grounding(model, processor, scenes, data)
+    total = sum(len(novel_caption_words(caption(s))) for _, s in scenes)
+    assert result["count"]["video/all"] == result["count"]["other/all"] == total
+    assert all(0.0 <= v <= 1.0 for v in result["accuracy"].values())
+
+    # The positions it scores are the ones the training loss uses: the same cross-entropy.
+    index, scene = scenes[0]
+    item = processor.encode_record(caption_record(scene, index), data)
+    with torch.no_grad():
+        out = model(input_ids=item["input_ids"][None], pixel_values=item["pixel_values"],
+                    media_num_frames=item["media_num_frames"], labels=item["labels"][None])
+    positions = (item["labels"] != -100).nonzero().squeeze(1)
+    shift = out.logits.shape[1] - item["input_ids"].shape[0]
+    ours = torch.nn.functional.cross_entropy(out.logits[0, positions - 1 + shift], item["input_ids"][positions])
+    assert torch.allclose(ours, out.loss, atol=1e-5)

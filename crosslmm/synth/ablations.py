@@ -12,7 +12,9 @@ each a set of CrossLMMConfig options. The runner
 3. trains every variant from the same initial seed on the same data with the same
    recipe (`crosslmm train`'s own code path), `jobs` at a time, each on its share of
    the CPU cores, and scores it on the held-out test split (`crosslmm synth-eval`'s
-   code path);
+   code path): question accuracy of the final model, and how much of held-out captions
+   the stage-1 model reads from the video (`caption_grounding`), which moves long before
+   question accuracy leaves chance;
 4. writes `results.json`, a Markdown table (`results.md`) and a plot (`ablations.png`),
    and copies the table and plot to `docs_dir`.
 
@@ -74,6 +76,7 @@ class AblationConfig:
     recipe: str = "llm.yaml"  # stage 2 on the questions (relative to the YAML's folder)
     train_overrides: list[str] = field(default_factory=list)  # key=value for every variant
     eval_questions: int = 0  # held-out questions scored per variant; 0: all
+    grounding_videos: int = 60  # held-out videos whose captions score the stage-1 model's reading; 0: none
     jobs: int = 2  # variants trained at once; the CPU cores are shared between them
     docs_dir: str | None = None  # where results.md and ablations.png are copied
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> CrossLMMConfig options
@@ -210,6 +213,9 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
     if result_file.exists():
         previous = json.loads(result_file.read_text())
         if previous.get("settings") == settings:
+            if previous.get("grounding_videos") != _grounding_videos(config):  # scored later than trained
+                previous.update(_grounding(config, out, data))
+                result_file.write_text(json.dumps(previous, indent=2))
             return previous
     if out.exists():
         shutil.rmtree(out)
@@ -252,9 +258,29 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
         "accuracy": scores["accuracy"], "count": scores["count"],
         "final_loss": _final_loss(out / "train" / "metrics.jsonl"),
         "model": str(final),
+        **_grounding(config, out, data),
     }
     result_file.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _grounding_videos(config: AblationConfig) -> int:
+    return config.grounding_videos if config.caption_recipe else 0
+
+
+def _grounding(config: AblationConfig, out: Path, data: Path) -> dict:
+    """Caption grounding of the variant's stage-1 model on the first held-out videos."""
+    from crosslmm.infer import load
+    from crosslmm.synth.evaluate import caption_grounding, split_scenes
+
+    videos = _grounding_videos(config)
+    if not videos:
+        return {"grounding_videos": 0, "caption_grounding": None}
+    scenes = split_scenes(data, "test", videos)
+    if len(scenes) < 2:  # each video is another's control
+        return {"grounding_videos": videos, "caption_grounding": None}
+    model, processor = load(out / "stage1" / "model")
+    return {"grounding_videos": videos, "caption_grounding": caption_grounding(model, processor, scenes, data)["accuracy"]}
 
 
 def _final_loss(metrics: Path) -> float | None:
@@ -379,27 +405,42 @@ def _describe(result: dict) -> str:
     return f"{'+'.join(parts)} (K={result['dcal_every_k']}{scope})"
 
 
+def _grounding_cell(result: dict) -> str:
+    scores = result.get("caption_grounding")
+    if not scores:
+        return "-"
+    return f"{_pct(scores.get('video/all'))} / {_pct(scores.get('other/all'))}"
+
+
 def results_table(summary: dict) -> str:
     """Markdown: one row per variant, accuracy (%) on held-out multiple-choice and short
     answers, per question family (both forms), tokens fed to the LLM, training time."""
     families = list(FAMILIES)
-    head = ["variant", "LLM visual tokens / video", "DCAL", "MC", "short", *families, "train min"]
+    head = ["variant", "LLM visual tokens / video", "DCAL", "MC", "short", *families,
+            "caption words: video / other", "train min"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary["variants"]:
         acc = r["accuracy"]
         row = [r["name"], str(r["llm_visual_tokens"]), _describe(r), _pct(acc.get("form/mc")), _pct(acc.get("form/short")),
-               *[_pct(acc.get(f"type/{f}")) for f in families], f"{r['train_seconds'] / 60:.1f}"]
+               *[_pct(acc.get(f"type/{f}")) for f in families], _grounding_cell(r), f"{r['train_seconds'] / 60:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
     counts = summary["variants"][0]["count"] if summary["variants"] else {}
     lines.append("")
     lines.append(f"Held-out questions per variant: {counts.get('all', 0)} ({counts.get('form/mc', 0)} multiple choice, "
                  f"{counts.get('form/short', 0)} short answer); chance on multiple choice is 25 %.")
+    videos = {r.get("grounding_videos") for r in summary["variants"]} - {None, 0}
+    if videos:
+        lines.append(f"Caption words: teacher-forced accuracy of the stage-1 model on the words of {max(videos)} held-out "
+                     "videos' captions that cannot be copied from the caption so far (colour, shape, pattern at a "
+                     "sprite's first mention, quadrant when it changes, motion), with the right video / with another "
+                     "video; the difference is what the model reads from the pixels.")
     lines.append(f"Machine: {summary['machine']}.")
     return "\n".join(lines) + "\n"
 
 
 def plot_results(summary: dict, path: str | Path) -> None:
-    """Two panels: per-family accuracy of every variant (grouped bars), and overall
+    """Three panels: per-family accuracy of every variant (grouped bars), caption words
+    read with the right and with another video (stage-1 models), and overall
     multiple-choice / short-answer accuracy against the LLM's visual tokens per video."""
     import matplotlib
 
@@ -408,7 +449,7 @@ def plot_results(summary: dict, path: str | Path) -> None:
 
     variants = summary["variants"]
     families = list(FAMILIES)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [2.2, 1]})
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(19, 5), gridspec_kw={"width_ratios": [2.2, 1.2, 1]})
     width = 0.8 / max(len(variants), 1)
     for i, r in enumerate(variants):
         values = [100 * r["accuracy"].get(f"type/{f}", 0.0) for f in families]
@@ -419,6 +460,17 @@ def plot_results(summary: dict, path: str | Path) -> None:
     left.set_ylim(0, 100)
     left.legend(fontsize=7, ncol=2)
     left.set_title("Accuracy per question family")
+
+    names = [r["name"] for r in variants]
+    for offset, source, label in ((-0.2, "video", "right video"), (0.2, "other", "another video (control)")):
+        values = [100 * (r.get("caption_grounding") or {}).get(f"{source}/all", 0.0) for r in variants]
+        middle.bar([i + offset for i in range(len(variants))], values, 0.4, label=label)
+    middle.set_xticks(range(len(variants)))
+    middle.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+    middle.set_ylabel("novel caption words right (%), teacher-forced")
+    middle.set_ylim(0, 100)
+    middle.legend(fontsize=7)
+    middle.set_title("What the stage-1 model reads from the video")
 
     for r in variants:
         x = r["llm_visual_tokens"]

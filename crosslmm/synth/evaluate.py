@@ -1,19 +1,30 @@
-"""Accuracy on the synthetic world's held-out questions, per question family and form.
+"""Accuracy on the synthetic world's held-out questions, per question family and form,
+and how much of a held-out caption a model reads from its video.
 
 Multiple choice is scored on the first option letter of the answer (A-D), short answers
 on the first word, case- and punctuation-insensitive: what the questions ask for ("Answer
 with the option's letter", "using a single word"). This is the project's check until the
 evaluation harness's `crosslmm eval synthetic` exists.
+
+Question accuracy stays at chance until a model reads its video well enough to answer;
+`caption_grounding` sees the reading start much earlier. It scores, teacher-forced, the
+words of held-out captions that cannot be copied from the caption so far (a sprite's
+colour, shape and pattern when it is first named, its quadrant when it changes, its
+motion), once with the right video and once with another video: the difference is what
+the model took from the pixels, the control is what it guesses from the text alone.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from crosslmm.infer import answer
-from crosslmm.synth.world import LETTERS
+from crosslmm.synth.world import LETTERS, Scene, caption, caption_record, scene_for, split_indices
 
 
 def extract(prediction: str, form: str) -> str:
@@ -46,3 +57,74 @@ def evaluate(model, processor, records: list[dict], media_root: str | Path, max_
     accuracy = {key: sum(v) / len(v) for key, v in sorted(hits.items())}
     counts = {key: len(v) for key, v in sorted(hits.items())}
     return {"accuracy": accuracy, "count": counts, "predictions": predictions}
+
+
+# One sprite in a frame's description ("white triangle with dots top-right") and one in
+# the motion sentence ("white triangle down"); see `world.caption`.
+_CAPTION_ITEM = re.compile(r"(?P<colour>[a-z]+) (?P<shape>[a-z]+)(?: with (?P<pattern>[a-z]+))? "
+                           r"(?P<place>(?:top|bottom)-(?:left|right))")
+_MOTION_ITEM = re.compile(r"(?P<colour>[a-z]+) (?P<shape>[a-z]+) (?P<motion>[a-z]+)")
+GROUNDING_WORDS = ("colour", "shape", "pattern", "place", "motion")
+
+
+def novel_caption_words(text: str) -> list[tuple[str, int, int]]:
+    """(category, start, end) character spans of the caption words that carry new
+    information: a sprite's colour, shape and pattern at its first mention, its quadrant
+    at its first mention and whenever it changes, and every motion word."""
+    frames_part, _, motion_part = text.partition("motion: ")
+    offset = len(frames_part) + len("motion: ")
+    words, last_place = [], {}
+    for item in _CAPTION_ITEM.finditer(frames_part):
+        sprite = (item["colour"], item["shape"])
+        if sprite not in last_place:
+            words += [(name, *item.span(name)) for name in ("colour", "shape", "pattern") if item[name]]
+        if last_place.get(sprite) != item["place"]:
+            words.append(("place", *item.span("place")))
+        last_place[sprite] = item["place"]
+    for item in _MOTION_ITEM.finditer(motion_part):
+        start, end = item.span("motion")
+        words.append(("motion", start + offset, end + offset))
+    return words
+
+
+@torch.no_grad()
+def caption_grounding(model, processor, scenes: Sequence[tuple[int, Scene]], media_root: str | Path) -> dict:
+    """Teacher-forced accuracy on the novel words (`novel_caption_words`) of the captions
+    of `scenes` ((video index, scene) pairs whose videos are in `media_root`), per word
+    category, with each caption's own video (`video/...`) and with the next scene's video
+    (`other/...`). A word counts as right when every one of its tokens is the argmax."""
+    if len(scenes) < 2:
+        raise ValueError("caption grounding needs at least two videos (each one is the other's control)")
+    model.eval()
+    encoded = [processor.encode_record(caption_record(scene, index), media_root) for index, scene in scenes]
+    hits: dict[str, list[int]] = defaultdict(list)
+    for i, ((_, scene), item) in enumerate(zip(scenes, encoded)):
+        text = caption(scene)
+        spans = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        answer_positions = (item["labels"] != -100).nonzero().squeeze(1)[: len(spans["input_ids"])]
+        if item["input_ids"][answer_positions].tolist() != spans["input_ids"]:
+            raise ValueError(f"{item['id']}: the caption tokenizes differently inside the chat template")
+        other = encoded[(i + 1) % len(encoded)]
+        for source, pixels in (("video", item["pixel_values"]), ("other", other["pixel_values"])):
+            logits = model(input_ids=item["input_ids"][None], pixel_values=pixels,
+                           media_num_frames=item["media_num_frames"]).logits[0]
+            shift = logits.shape[0] - item["input_ids"].shape[0]  # the visual tokens spliced in
+            right = logits[answer_positions - 1 + shift].argmax(-1) == item["input_ids"][answer_positions]
+            for category, start, end in novel_caption_words(text):
+                tokens = [t for t, (a, b) in enumerate(spans["offset_mapping"]) if a < end and b > start]
+                correct = int(bool(right[tokens].all()))
+                hits[f"{source}/{category}"].append(correct)
+                hits[f"{source}/all"].append(correct)
+    return {"accuracy": {k: sum(v) / len(v) for k, v in sorted(hits.items())},
+            "count": {k: len(v) for k, v in sorted(hits.items())}}
+
+
+def split_scenes(data_dir: str | Path, split: str = "test", limit: int = 0) -> list[tuple[int, Scene]]:
+    """(video index, scene) of a dataset's split, regenerated from its meta.json (the
+    scenes are a function of the dataset's seed and index, see `world.scene_for`)."""
+    import json
+
+    params = json.loads((Path(data_dir) / "meta.json").read_text())["params"]
+    indices = split_indices(params["n"], params["seed"], params["splits"])[split]
+    indices = indices[:limit] if limit else indices
+    return [(i, scene_for(params["seed"], i, params["frames"], params["size"])) for i in indices]
