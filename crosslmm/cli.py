@@ -180,12 +180,15 @@ def synth_eval(
 
     hf_logging.disable_progress_bar()
     crosslmm_model, processor = load(model)
-    if captions:
-        result = caption_grounding(crosslmm_model, processor, split_scenes(data, split, limit), data)
-    else:
-        records = json.loads((data / f"{split}.json").read_text())
-        records = records[:limit] if limit else records
-        result = evaluate(crosslmm_model, processor, records, data)
+    try:
+        if captions:
+            result = caption_grounding(crosslmm_model, processor, split_scenes(data, split, limit), data)
+        else:
+            records = json.loads((data / f"{split}.json").read_text())
+            records = records[:limit] if limit else records
+            result = evaluate(crosslmm_model, processor, records, data)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
     for key, value in result["accuracy"].items():
         typer.echo(f"{key:>40}: {100 * value:5.1f} %  ({result['count'][key]})")
     if out is not None:

@@ -16,6 +16,7 @@ the model took from the pixels, the control is what it guesses from the text alo
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -64,7 +65,6 @@ def evaluate(model, processor, records: list[dict], media_root: str | Path, max_
 _CAPTION_ITEM = re.compile(r"(?P<colour>[a-z]+) (?P<shape>[a-z]+)(?: with (?P<pattern>[a-z]+))? "
                            r"(?P<place>(?:top|bottom)-(?:left|right))")
 _MOTION_ITEM = re.compile(r"(?P<colour>[a-z]+) (?P<shape>[a-z]+) (?P<motion>[a-z]+)")
-GROUNDING_WORDS = ("colour", "shape", "pattern", "place", "motion")
 
 
 def novel_caption_words(text: str) -> list[tuple[str, int, int]]:
@@ -122,9 +122,10 @@ def caption_grounding(model, processor, scenes: Sequence[tuple[int, Scene]], med
 def split_scenes(data_dir: str | Path, split: str = "test", limit: int = 0) -> list[tuple[int, Scene]]:
     """(video index, scene) of a dataset's split, regenerated from its meta.json (the
     scenes are a function of the dataset's seed and index, see `world.scene_for`)."""
-    import json
-
     params = json.loads((Path(data_dir) / "meta.json").read_text())["params"]
-    indices = split_indices(params["n"], params["seed"], params["splits"])[split]
+    splits = split_indices(params["n"], params["seed"], params["splits"])
+    if split not in splits:
+        raise ValueError(f"{data_dir} has no split {split!r}; it has {sorted(splits)}")
+    indices = splits[split]
     indices = indices[:limit] if limit else indices
     return [(i, scene_for(params["seed"], i, params["frames"], params["size"])) for i in indices]
