@@ -97,6 +97,8 @@ def caption_grounding(model, processor, scenes: Sequence[tuple[int, Scene]], med
         raise ValueError("caption grounding needs at least two videos (each one is the other's control)")
     model.eval()
     encoded = [processor.encode_record(caption_record(scene, index), media_root) for index, scene in scenes]
+    # Each video is encoded once: it is read twice, as its own caption's and as a control.
+    features = [model.vision_tower(item["pixel_values"]) for item in encoded]
     hits: dict[str, list[int]] = defaultdict(list)
     for i, ((_, scene), item) in enumerate(zip(scenes, encoded)):
         text = caption(scene)
@@ -104,9 +106,8 @@ def caption_grounding(model, processor, scenes: Sequence[tuple[int, Scene]], med
         answer_positions = (item["labels"] != -100).nonzero().squeeze(1)[: len(spans["input_ids"])]
         if item["input_ids"][answer_positions].tolist() != spans["input_ids"]:
             raise ValueError(f"{item['id']}: the caption tokenizes differently inside the chat template")
-        other = encoded[(i + 1) % len(encoded)]
-        for source, pixels in (("video", item["pixel_values"]), ("other", other["pixel_values"])):
-            logits = model(input_ids=item["input_ids"][None], pixel_values=pixels,
+        for source, frames in (("video", features[i]), ("other", features[(i + 1) % len(features)])):
+            logits = model(input_ids=item["input_ids"][None], vision_features=frames,
                            media_num_frames=item["media_num_frames"]).logits[0]
             shift = logits.shape[0] - item["input_ids"].shape[0]  # the visual tokens spliced in
             right = logits[answer_positions - 1 + shift].argmax(-1) == item["input_ids"][answer_positions]
