@@ -14,6 +14,8 @@ from conftest import frames
 from crosslmm import CrossLMMForCausalLM
 from crosslmm.cli import app
 
+pytestmark = pytest.mark.lowest_bound  # also run on the lowest supported transformers (.ci/run)
+
 
 def _cli(*args: str):
     result = CliRunner().invoke(app, list(map(str, args)))

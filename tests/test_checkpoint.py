@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 
 from conftest import MEDIA, frames, set_gates, tiny_config, tiny_model
 from crosslmm import CrossLMMConfig, CrossLMMForCausalLM
 from transformers import AutoModelForCausalLM
+
+pytestmark = pytest.mark.lowest_bound  # also run on the lowest supported transformers (.ci/run)
 
 
 def _logits(model):

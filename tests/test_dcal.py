@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from conftest import MEDIA, frames, set_gates, tiny_model
+from crosslmm import compat
 from crosslmm.bench.flops import flop_counter
 from crosslmm.model.dcal import DCALContext, DCALDecoderLayer
 from crosslmm.model.splice import build_layout
@@ -88,7 +89,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model = tiny_model().train()
         set_gates(model)
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            compat.enable_activation_checkpointing(model)
         ids = torch.tensor([[5, MEDIA, 6, 7, 8, 9], [10, 11, MEDIA, 12, 13, 14]])
         labels = ids.masked_fill(ids == MEDIA, -100)
         model(ids, pixel_values=frames(5), media_num_frames=torch.tensor([2, 3]), labels=labels).loss.backward()

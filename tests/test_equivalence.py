@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM
 from conftest import MEDIA, frames, set_gates, tiny_config, tiny_model
 from crosslmm import CrossLMMForCausalLM
 
+pytestmark = pytest.mark.lowest_bound  # also run on the lowest supported transformers (.ci/run)
+
 
 def _inputs():
     ids = torch.tensor([[5, 6, 7, MEDIA, 8, 9, 10, 11]])

@@ -68,7 +68,7 @@ def test_media_in_a_decode_step(model):
     prefill = model(torch.tensor([[5, MEDIA]]), pixel_values=frames(1), media_num_frames=torch.tensor([1]), use_cache=True)
     with pytest.raises(ValueError, match="only be passed with the prompt"):
         model(torch.tensor([[6]]), attention_mask=torch.ones(1, prefill.attention_mask.shape[1] + 1, dtype=torch.long),
-              past_key_values=prefill.past_key_values, cross_attention_cache=prefill.cross_attention_cache,
+              cache=prefill.cache, cross_attention_cache=prefill.cross_attention_cache,
               pixel_values=frames(1), media_num_frames=torch.tensor([1]))
 
 
@@ -76,7 +76,7 @@ def test_decode_step_without_the_cross_attention_cache(model):
     prefill = model(torch.tensor([[5, MEDIA]]), pixel_values=frames(1), media_num_frames=torch.tensor([1]), use_cache=True)
     mask = torch.ones(1, prefill.attention_mask.shape[1] + 1, dtype=torch.long)
     with pytest.raises(ValueError, match="needs the cross_attention_cache"):
-        model(torch.tensor([[6]]), attention_mask=mask, past_key_values=prefill.past_key_values)
+        model(torch.tensor([[6]]), attention_mask=mask, cache=prefill.cache)
 
 
 def test_text_only_prompt_still_hands_out_a_cross_attention_cache(model):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import EOS, MEDIA, frames, tiny_model, set_gates
+
+pytestmark = pytest.mark.lowest_bound  # also run on the lowest supported transformers (.ci/run)
 
 PAD = 0
 

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import re
-import tomllib
-from pathlib import Path
-
 import pytest
 import torch
-import transformers
-from packaging.version import Version
 from transformers import AutoModel
 
 from conftest import MEDIA, VISION, frames, set_gates, tiny_config, tiny_model
@@ -115,13 +109,6 @@ def test_baseline_is_the_same_code_path_without_dcal():
     with torch.no_grad():
         out = model(torch.tensor([[5, MEDIA, 6]]), pixel_values=frames(2, size=56), media_num_frames=torch.tensor([2]))
     assert out.logits.shape == (1, 2 * 196 + 2, 128)
-
-
-def test_installed_transformers_is_inside_the_declared_range():
-    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    spec = next(d for d in pyproject["project"]["dependencies"] if d.startswith("transformers"))
-    low, high = re.fullmatch(r"transformers>=([\d.]+),<([\d.]+)", spec).groups()
-    assert Version(low) <= Version(transformers.__version__) < Version(high)
 
 
 def test_chunked_projection_without_autograd_equals_the_plain_projection():

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from crosslmm import compat
 from crosslmm.bench.flops import flop_counter
 from crosslmm.model.modeling import CrossLMMForCausalLM
 from crosslmm.presets import preset_config
@@ -73,7 +74,7 @@ class Subject:
     """What a measurement needs from a model: how to prefill, decode and time its vision side."""
 
     model: torch.nn.Module
-    prefill: Callable[[], object]  # -> output with .logits, .past_key_values
+    prefill: Callable[[], object]  # -> output with .logits and the KV cache
     decode_step: Callable[[object, torch.Tensor, torch.Tensor], object]  # (prefill output, token, mask) -> output
     prefill_mask: Callable[[object], torch.Tensor]
     vision: Callable[[], object] | None
@@ -104,7 +105,7 @@ def _crosslmm_subject(config, frames: int, language_only: bool, device, dtype) -
     media["media_num_frames"] = torch.tensor([frames], device=device)
 
     def decode_step(out, token, mask):
-        return model(token, attention_mask=mask, past_key_values=out.past_key_values,
+        return model(token, attention_mask=mask, cache=out.cache,
                      cross_attention_cache=out.cross_attention_cache, use_cache=True)
 
     return Subject(
@@ -134,7 +135,7 @@ def _transformers_llava_ov_subject(config, frames: int, device, dtype) -> Subjec
     video = _media(config, frames, False, device, dtype)["pixel_values"][None]
 
     def decode_step(out, token, mask):
-        return model(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+        return model(input_ids=token, attention_mask=mask, use_cache=True, **compat.cache_kwargs(compat.output_cache(out)))
 
     return Subject(
         model=model,

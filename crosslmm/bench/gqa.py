@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 
-def time_layouts(queries: int = 128, frames: int = 64, tokens_per_frame: int = 729, heads: int = 12,
+def time_layouts(queries: int = 128, frames: int = 64, original_tokens_per_frame: int = 729, heads: int = 12,
                  kv_heads: int = 2, head_dim: int = 128, repeats: int = 3) -> dict[str, float]:
     """Median milliseconds of each layout; all three compute the same result (asserted)."""
     generator = torch.Generator().manual_seed(0)
-    keys = frames * tokens_per_frame
+    keys = frames * original_tokens_per_frame
     rep = heads // kv_heads
     q = torch.randn(1, heads, queries, head_dim, generator=generator)
     k = torch.randn(1, kv_heads, keys, head_dim, generator=generator)

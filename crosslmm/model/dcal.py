@@ -60,14 +60,14 @@ class CrossAttentionGroups:
         in_order = torch.arange(self.key_frames.numel(), device=self.key_frames.device)
         self.frames_in_order = bool((self.key_frames.reshape(-1) == in_order).all())
 
-    def key_mask(self, tokens_per_frame: int) -> torch.Tensor | None:
+    def key_mask(self, original_tokens_per_frame: int) -> torch.Tensor | None:
         """(G, Lq, Fk*N) bool, or None when every query sees all or none of its keys.
         Built once and reused by every DCAL layer of the forward pass."""
         if not self.needs_mask:
             return None
         if self._key_mask is None:
-            key_frame = torch.arange(self.key_frames.shape[1] * tokens_per_frame, device=self.key_frames.device)
-            key_frame = key_frame // tokens_per_frame
+            key_frame = torch.arange(self.key_frames.shape[1] * original_tokens_per_frame, device=self.key_frames.device)
+            key_frame = key_frame // original_tokens_per_frame
             self._key_mask = key_frame[None, None, :] < self.visible_frames[..., None]
         return self._key_mask
 
@@ -90,7 +90,7 @@ class CrossAttentionCache:
     queries are folded into one attention call over the shared keys, never copied."""
 
     frames_per_group: torch.Tensor  # (G,) frames of each request's media
-    tokens_per_frame: int  # N, original tokens per frame
+    original_tokens_per_frame: int  # N, original (unpooled) tokens per frame
     sequences_per_group: int = 1
     key_value: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _decode_groups: dict[tuple[int, int], CrossAttentionGroups] = field(default_factory=dict, repr=False)
@@ -125,10 +125,10 @@ class DCALContext:
     """What the DCAL layers of one forward call read. Built by the model, never by users."""
 
     originals: torch.Tensor | None  # (F, N, D) projected original tokens, None when decoding
-    tokens_per_frame: int  # N, original tokens per frame
+    original_tokens_per_frame: int  # N, original (unpooled) tokens per frame
     v2v: CrossAttentionGroups | None  # None when decoding or without media
     t2v: CrossAttentionGroups | None
-    cache: CrossAttentionCache | None = None  # filled at prefill, read when decoding
+    cross_attention_cache: CrossAttentionCache | None = None  # filled at prefill, read when decoding
 
 
 class DCALDecoderLayer(GradientCheckpointingLayer):
@@ -178,14 +178,14 @@ class DCALDecoderLayer(GradientCheckpointingLayer):
             flat = _scatter_update(flat, self.v2v, ctx.v2v, ctx.v2v.gather_keys(key), ctx.v2v.gather_keys(value), ctx)
 
         if self.t2v is not None and ctx.t2v is not None:
-            cached = ctx.cache.key_value.get(self.layer_idx) if ctx.cache is not None else None
+            cached = ctx.cross_attention_cache.key_value.get(self.layer_idx) if ctx.cross_attention_cache is not None else None
             if cached is None:
                 if ctx.originals is None:
                     raise ValueError("a decode step needs the cross-attention cache filled at prefill")
                 key, value = self.t2v.project_key_value(ctx.originals)
                 cached = (ctx.t2v.gather_keys(key), ctx.t2v.gather_keys(value))
-                if ctx.cache is not None:
-                    ctx.cache.key_value[self.layer_idx] = cached
+                if ctx.cross_attention_cache is not None:
+                    ctx.cross_attention_cache.key_value[self.layer_idx] = cached
             flat = _scatter_update(flat, self.t2v, ctx.t2v, *cached, ctx)
 
         return flat.view(batch, length, dim)
@@ -202,7 +202,7 @@ def _scatter_update(
     """Gather the groups' queries, cross-attend, add the gated update back in place of
     the queries. Padding queries (index -1) read row 0 and add an exact zero to it."""
     index = groups.query_index.clamp(min=0)
-    update = attention(flat[index], key, value, groups.key_mask(ctx.tokens_per_frame), groups.query_valid)
+    update = attention(flat[index], key, value, groups.key_mask(ctx.original_tokens_per_frame), groups.query_valid)
     return flat.index_add(0, index.reshape(-1), update.reshape(-1, flat.shape[-1]).to(flat.dtype))
 
 

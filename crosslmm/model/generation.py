@@ -72,7 +72,7 @@ def generate(
         logits_to_keep=1,
         padding_side="left",
     )
-    past, cross_cache, mask = out.past_key_values, out.cross_attention_cache, out.attention_mask
+    past, cross_cache, mask = out.cache, out.cross_attention_cache, out.attention_mask
     logits = out.logits[:, -1].float()
     if num_return_sequences > 1:
         past.batch_repeat_interleave(num_return_sequences)
@@ -103,7 +103,7 @@ def generate(
         out = model(
             next_token[:, None],
             attention_mask=mask,
-            past_key_values=past,
+            cache=past,
             cross_attention_cache=cross_cache,
             use_cache=True,
         )

@@ -13,6 +13,7 @@ Weight names: `vision_tower.vit.*` (the transformers vision model), `projector.*
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -23,6 +24,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
+from crosslmm import compat
 from crosslmm.model.configuration import CrossLMMConfig
 from crosslmm.model.cross_attention import GatedCrossAttention
 from crosslmm.model.dcal import CrossAttentionCache, DCALContext, install_dcal
@@ -61,10 +63,16 @@ class LLMInputs(NamedTuple):
 class CrossLMMOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # (B, L' or logits_to_keep, vocab)
-    past_key_values: Cache | None = None
+    cache: Cache | None = None  # the LLM's KV cache (transformers' name since 5.24)
     cross_attention_cache: CrossAttentionCache | None = None
     attention_mask: torch.Tensor | None = None  # (B, L') after media expansion
     labels: torch.Tensor | None = None  # (B, L') after media expansion
+
+    @property
+    def past_key_values(self) -> Cache | None:
+        """The pre-5.24 name of `cache`, kept for callers that still read it."""
+        warnings.warn("CrossLMMOutput.past_key_values is deprecated, read `cache` instead", FutureWarning, stacklevel=2)
+        return self.cache
 
 
 class CrossLMMPreTrainedModel(PreTrainedModel):
@@ -145,7 +153,7 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
             raise ValueError("pass exactly one of pixel_values and vision_features")
         if vision_features is None:
             vision_features = self.vision_tower(pixel_values)
-        expected = (self.vision_tower.tokens_per_frame, self.config.vision_config.hidden_size)
+        expected = (self.vision_tower.original_tokens_per_frame, self.config.vision_config.hidden_size)
         if vision_features.dim() != 3 or tuple(vision_features.shape[1:]) != expected:
             raise ValueError(
                 f"vision_features must have shape (num_frames, {expected[0]}, {expected[1]}), "
@@ -187,7 +195,7 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         media_num_frames: torch.Tensor | None = None,  # (M,) frames per media item
         vision_features: torch.Tensor | None = None,  # (F, N, Dv) instead of pixel_values
         labels: torch.LongTensor | None = None,  # (B, L), -100 where no loss
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,  # the LLM's KV cache; `past_key_values=` is accepted with a FutureWarning
         cross_attention_cache: CrossAttentionCache | None = None,
         position_ids: torch.LongTensor | None = None,  # only for decode steps
         use_cache: bool | None = None,
@@ -195,7 +203,8 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         padding_side: str | None = None,
         **kwargs,
     ) -> CrossLMMOutput:
-        decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+        cache = compat.resolve_cache_argument(cache, kwargs, "CrossLMMForCausalLM.forward")
+        decoding = cache is not None and cache.get_seq_length() > 0
         if decoding:
             inputs = self._decode_inputs(
                 input_ids, attention_mask, position_ids, pixel_values, vision_features, cross_attention_cache
@@ -209,17 +218,17 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
             inputs_embeds=inputs.embeds,
             attention_mask=inputs.attention_mask,
             position_ids=inputs.position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             labels=inputs.labels,
             logits_to_keep=logits_to_keep,
             dcal_context=inputs.dcal_context,
+            **compat.cache_kwargs(cache),
             **kwargs,
         )
         return CrossLMMOutput(
             loss=outputs.loss,
             logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
+            cache=compat.output_cache(outputs),
             cross_attention_cache=inputs.cross_attention_cache,
             attention_mask=inputs.attention_mask,
             labels=inputs.labels,
@@ -265,9 +274,9 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
 
         # Decoding reads T2V keys from this cache; a prompt without media gets an empty one
         # so every decode step can insist on receiving it.
-        cache = None
+        cross_cache = None
         if use_cache and self.config.use_t2v:
-            cache = CrossAttentionCache(layout.frames_per_sample, self.vision_tower.tokens_per_frame)
+            cross_cache = CrossAttentionCache(layout.frames_per_sample, self.vision_tower.original_tokens_per_frame)
         ctx = None
         if has_media:
             pooled, originals = self.encode_media(pixel_values, vision_features)
@@ -276,12 +285,12 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
                 newline = self.media_newline.to(embeds.dtype).expand(layout.newline_target.numel(), dim)
                 embeds = embeds.index_copy(0, layout.newline_target, newline)
             if self.config.use_dcal:
-                ctx = DCALContext(originals, originals.shape[1], layout.v2v, layout.t2v, cache)
+                ctx = DCALContext(originals, originals.shape[1], layout.v2v, layout.t2v, cross_cache)
         return LLMInputs(
-            embeds.view(batch, layout.length, dim), layout.attention_mask, layout.position_ids, layout.labels, ctx, cache
+            embeds.view(batch, layout.length, dim), layout.attention_mask, layout.position_ids, layout.labels, ctx, cross_cache
         )
 
-    def _decode_inputs(self, input_ids, attention_mask, position_ids, pixel_values, vision_features, cache) -> LLMInputs:
+    def _decode_inputs(self, input_ids, attention_mask, position_ids, pixel_values, vision_features, cross_cache) -> LLMInputs:
         """A generation step after prefill: new text tokens only, T2V against the side cache."""
         if pixel_values is not None or vision_features is not None:
             raise ValueError("media can only be passed with the prompt, not in a decode step")
@@ -290,17 +299,17 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         if position_ids is None:
             step = input_ids.shape[1]
             position_ids = attention_mask.long().cumsum(-1)[:, -step:] - 1
-        if cache is None and self.config.use_t2v:
+        if cross_cache is None and self.config.use_t2v:
             raise ValueError(
                 "a decode step needs the cross_attention_cache returned by the prefill (its T2V keys and values); "
                 "without it the new tokens would silently skip text-to-visual attention"
             )
         embeds = self.get_input_embeddings()(input_ids)
         ctx = None
-        if cache is not None and cache.has_media:
-            groups = cache.decode_groups(input_ids.shape[0], input_ids.shape[1])
-            ctx = DCALContext(None, cache.tokens_per_frame, None, groups, cache)
-        return LLMInputs(embeds, attention_mask, position_ids, None, ctx, cache)
+        if cross_cache is not None and cross_cache.has_media:
+            groups = cross_cache.decode_groups(input_ids.shape[0], input_ids.shape[1])
+            ctx = DCALContext(None, cross_cache.original_tokens_per_frame, None, groups, cross_cache)
+        return LLMInputs(embeds, attention_mask, position_ids, None, ctx, cross_cache)
 
     # ---- generation ----
 

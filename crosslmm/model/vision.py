@@ -38,7 +38,8 @@ class VisionTower(nn.Module):
         self.chunk_size = config.vision_chunk_size
 
     @property
-    def tokens_per_frame(self) -> int:
+    def original_tokens_per_frame(self) -> int:
+        """N, the ViT's patch tokens per frame (729 for SigLIP at 384 px), before pooling."""
         return self.grid_size * self.grid_size
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -178,7 +178,7 @@ def t2v_attention(model: CrossLMMForCausalLM, inputs: dict[str, Any], positions:
         mask = None if key_mask is None else key_mask[:1, rows_t]  # (1, R, S)
         probs = cross_attention_probabilities(attention, hidden[:1, rows_t], key[:1], mask)  # (1, H, R, S)
         per_layer.append(probs[0].mean(dim=(0, 1)))  # (S,)
-        layout["frames"], layout["tokens"] = groups.key_frames.shape[1], contexts[layer.layer_idx].tokens_per_frame
+        layout["frames"], layout["tokens"] = groups.key_frames.shape[1], contexts[layer.layer_idx].original_tokens_per_frame
 
     handles = []
     try:

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
+from crosslmm import compat
 from crosslmm.data.dataset import DataCollator, LengthGroupedSampler, LLaVADataset, load_mixture, load_records
 from crosslmm.data.processor import CrossLMMProcessor
 from crosslmm.model.configuration import CrossLMMConfig
@@ -148,7 +149,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
 
     groups = parameter_groups(model, config)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        compat.enable_activation_checkpointing(model, use_reentrant=False)
     optimizer = torch.optim.AdamW(groups, betas=tuple(config.optim.betas))
 
     global_batch = config.per_device_batch_size * world * config.gradient_accumulation
