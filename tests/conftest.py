@@ -52,12 +52,34 @@ def tiny_model(vision: str = "siglip", text: str = "qwen2", seed: int = 0, **ove
 
 
 def set_gates(model: CrossLMMForCausalLM, seed: int = 1) -> None:
-    """Give every gate a distinct non-zero value so the cross-attentions matter."""
+    """Open every cross-attention block so it matters, as training would: a distinct
+    non-zero gate each, and a random `o_proj` (a fresh block's is zero by default)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".gate"):
                 param.copy_(torch.rand(1, generator=generator) * 1.5 + 0.5)
+            elif name.endswith("2v.o_proj.weight"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+
+
+def closed_blocks(model: CrossLMMForCausalLM) -> list[str]:
+    """Names of the cross-attention blocks that add exactly zero at the moment: a zero
+    gate (`zero_gate` init) or a zero `o_proj` (`zero_output` init). Asserting that every
+    block is in it is how the tests say "closed", for either init."""
+    from crosslmm.model.cross_attention import GatedCrossAttention
+
+    return [
+        name for name, module in model.named_modules()
+        if isinstance(module, GatedCrossAttention)
+        and (module.gate.item() == 0.0 or not torch.count_nonzero(module.o_proj.weight))
+    ]
+
+
+def cross_attention_blocks(model: CrossLMMForCausalLM) -> list[str]:
+    from crosslmm.model.cross_attention import GatedCrossAttention
+
+    return [name for name, module in model.named_modules() if isinstance(module, GatedCrossAttention)]
 
 
 def frames(num: int, seed: int = 0, size: int = 28) -> torch.Tensor:

@@ -10,7 +10,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from checkpoint_factory import make_llm, make_vision
-from conftest import frames
+from conftest import closed_blocks, cross_attention_blocks, frames
 from crosslmm import CrossLMMForCausalLM
 from crosslmm.cli import app
 
@@ -49,8 +49,7 @@ def test_build_reload_forward_and_generate(tmp_path, vision, llm):
     for key, value in source_vision.state_dict().items():
         if key in vit_state:
             assert torch.equal(vit_state[key], value), key
-    gates = [p.item() for n, p in model.named_parameters() if n.endswith(".gate")]
-    assert gates and all(g == 0.0 for g in gates)
+    assert cross_attention_blocks(model) and closed_blocks(model) == cross_attention_blocks(model)
     if llm == "qwen2":  # tied embeddings stay tied through build and reload
         assert model.language_model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
@@ -135,7 +134,7 @@ def test_imported_llava_onevision_switches_to_the_crosslmm_layout(tmp_path):
     model = CrossLMMForCausalLM.from_pretrained(tmp_path / "cl").eval()
     config = model.config
     assert config.tokens_per_frame == 4 and config.use_v2v and config.use_t2v and not config.media_newline
-    assert all(p.item() == 0.0 for n, p in model.named_parameters() if n.endswith(".gate"))
+    assert cross_attention_blocks(model) and closed_blocks(model) == cross_attention_blocks(model)
     out = model.generate(torch.tensor([[5, 126, 6]]), pixel_values=frames(2), media_num_frames=torch.tensor([2]), max_new_tokens=3)
     assert out.shape[1] <= 6
 

@@ -62,6 +62,6 @@ def assemble(config: CrossLMMConfig, state: dict[str, torch.Tensor], dtype: torc
     for name, param in model.named_parameters():
         if name in loaded:
             param._is_hf_initialized = True  # transformers' initialisers skip flagged tensors
-    model.initialize_weights()  # everything not loaded: DCAL (gates 0), projector, newline
+    model.initialize_weights()  # everything not loaded: DCAL (closed blocks), projector, newline
     model.tie_weights()
     return model.eval()

@@ -4,7 +4,7 @@ The imported model, in the `llava-ov` compatibility layout (pool after the proje
 14x14, one newline token per video, DCAL off), computes exactly what transformers'
 `LlavaOnevisionForConditionalGeneration` computes on the same frames and prompt. Its
 vision tower, projector and LLM are then the natural initialisation of CrossLMM stage 1:
-`config.to_crosslmm(9)` switches to 9 tokens per frame with DCAL on (zero gates).
+`config.to_crosslmm(9)` switches to 9 tokens per frame with DCAL on (closed cross-attention blocks).
 
 Images: LLaVA-OneVision's any-resolution image path (tiles plus per-row newlines) is not
 reproduced; CrossLMM treats an image as a 1-frame video.

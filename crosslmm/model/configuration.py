@@ -16,6 +16,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 POOLING_MODES = ("bilinear", "average")
 V2V_SCOPES = ("frame", "video")
+CROSS_ATTENTION_INITS = ("zero_output", "zero_gate")
 SUPPORTED_VISION_TYPES = ("siglip_vision_model", "siglip2_vision_model", "clip_vision_model")
 
 
@@ -61,6 +62,14 @@ class CrossLMMConfig(PretrainedConfig):
             compatibility setting of imported checkpoints).
         media_newline: append one learned token after every media item's visual tokens,
             as LLaVA-OneVision does after each video.
+        cross_attention_init: how a new cross-attention block starts; both make it add
+            exactly zero, so a fresh CrossLMM computes what the pooled-only model computes.
+            "zero_output" (default): `o_proj` at zero and the gate at 1 (tanh 0.76).
+            "zero_gate": the paper's tanh gate at zero. At a closed gate the block's
+            weights get no gradient, and the gate's own gradient only sees the block's
+            initial output, a near-uniform average of the originals that the pooled
+            tokens already carry: the gate random-walks near zero and nothing is learned
+            (docs/architecture.md, "Cross-attention initialisation").
     """
 
     model_type = "crosslmm"
@@ -83,6 +92,7 @@ class CrossLMMConfig(PretrainedConfig):
         projector_hidden_act: str = "gelu",
         pool_after_projector: bool = False,
         media_newline: bool = False,
+        cross_attention_init: str = "zero_output",
         **kwargs: Any,
     ) -> None:
         self.vision_config = _as_config(vision_config, "siglip_vision_model")
@@ -100,6 +110,7 @@ class CrossLMMConfig(PretrainedConfig):
         self.projector_hidden_act = projector_hidden_act
         self.pool_after_projector = pool_after_projector
         self.media_newline = media_newline
+        self.cross_attention_init = cross_attention_init
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
         self.validate_crosslmm()
@@ -121,6 +132,10 @@ class CrossLMMConfig(PretrainedConfig):
             )
         if self.pooling_mode not in POOLING_MODES:
             raise ValueError(f"pooling_mode must be one of {POOLING_MODES}, got {self.pooling_mode!r}")
+        if self.cross_attention_init not in CROSS_ATTENTION_INITS:
+            raise ValueError(
+                f"cross_attention_init must be one of {CROSS_ATTENTION_INITS}, got {self.cross_attention_init!r}"
+            )
         if self.v2v_scope not in V2V_SCOPES:
             raise ValueError(f"v2v_scope must be one of {V2V_SCOPES}, got {self.v2v_scope!r}")
         if self.dcal_every_k < 1:

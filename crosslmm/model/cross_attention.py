@@ -22,10 +22,12 @@ from transformers import PretrainedConfig
 
 
 class GatedCrossAttention(nn.Module):
-    """`tanh(gate) * CrossAttn(norm(h), O)` with the gate initialised to zero, so a fresh
-    block changes nothing and the pretrained LLM's behaviour is the starting point."""
+    """`tanh(gate) * o_proj(Attn(q_proj(norm(h)), k_proj(O), v_proj(O)))`, built to add
+    exactly zero, so a fresh block changes nothing and the pretrained LLM's behaviour is
+    the starting point: either `o_proj` is zero with an open gate (`init="zero_output"`,
+    the default) or the gate is zero (`"zero_gate"`, the paper's; see CrossLMMConfig)."""
 
-    def __init__(self, text_config: PretrainedConfig, norm_class: type[nn.Module]) -> None:
+    def __init__(self, text_config: PretrainedConfig, norm_class: type[nn.Module], init: str = "zero_output") -> None:
         super().__init__()
         hidden_size = text_config.hidden_size
         self.num_heads = text_config.num_attention_heads
@@ -42,9 +44,28 @@ class GatedCrossAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=False)
-        # A learnable scalar; zero means "this block is off". For checkpoints that lack it,
-        # `CrossLMMPreTrainedModel.initialize_weights` sets it to zero again.
+        # A learnable scalar; tanh(gate) scales the update. For checkpoints that lack the
+        # block, `CrossLMMPreTrainedModel.initialize_weights` applies `reset_to_closed` again.
         self.gate = nn.Parameter(torch.zeros(1))
+        self.init_mode = init
+        with torch.no_grad():
+            self.reset_to_closed()
+
+    def reset_to_closed(self, zeros_=nn.init.zeros_, constant_=nn.init.constant_) -> None:
+        """Make the block add exactly zero. The init functions are parameters so that
+        loading can pass transformers' versions, which skip tensors read from a checkpoint."""
+        if self.init_mode == "zero_gate":
+            zeros_(self.gate)
+        else:
+            constant_(self.gate, 1.0)
+            zeros_(self.o_proj.weight)
+
+    def opening(self) -> float:
+        """How far the block is from adding nothing: |tanh(gate)| x the RMS of `o_proj`'s
+        weights. 0 at construction under either init; the training log follows it, so a
+        block that never opens (the zero-gate deadlock) is seen within minutes."""
+        weight = self.o_proj.weight.detach()
+        return float(torch.tanh(self.gate.detach()).abs().mean() * weight.pow(2).mean().sqrt())
 
     def project_key_value(self, originals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(F, N, D) original tokens -> keys, values of shape (F, N, Hkv, hd)."""

@@ -138,7 +138,8 @@ class DCALDecoderLayer(GradientCheckpointingLayer):
     Qwen3, Mistral."""
 
     def __init__(
-        self, decoder_layer: nn.Module, text_config: PretrainedConfig, layer_idx: int, use_v2v: bool, use_t2v: bool
+        self, decoder_layer: nn.Module, text_config: PretrainedConfig, layer_idx: int, use_v2v: bool, use_t2v: bool,
+        init: str = "zero_output",
     ) -> None:
         super().__init__()
         parts = {name for name, _ in decoder_layer.named_children()}
@@ -154,8 +155,8 @@ class DCALDecoderLayer(GradientCheckpointingLayer):
         self.attention_type = getattr(decoder_layer, "attention_type", "full_attention")
         self.layer_idx = layer_idx
         norm_class = type(decoder_layer.input_layernorm)
-        self.v2v = GatedCrossAttention(text_config, norm_class) if use_v2v else None
-        self.t2v = GatedCrossAttention(text_config, norm_class) if use_t2v else None
+        self.v2v = GatedCrossAttention(text_config, norm_class, init) if use_v2v else None
+        self.t2v = GatedCrossAttention(text_config, norm_class, init) if use_t2v else None
 
     def forward(self, hidden_states: torch.Tensor, dcal_context: DCALContext | None = None, **kwargs) -> torch.Tensor:
         residual = hidden_states
@@ -206,7 +207,10 @@ def _scatter_update(
     return flat.index_add(0, index.reshape(-1), update.reshape(-1, flat.shape[-1]).to(flat.dtype))
 
 
-def install_dcal(decoder_layers: nn.ModuleList, text_config: PretrainedConfig, layer_indices: list[int], use_v2v: bool, use_t2v: bool) -> None:
+def install_dcal(
+    decoder_layers: nn.ModuleList, text_config: PretrainedConfig, layer_indices: list[int], use_v2v: bool, use_t2v: bool,
+    init: str = "zero_output",
+) -> None:
     """Replace the chosen decoder layers, in place, by DCAL layers around their own parts."""
     for idx in layer_indices:
-        decoder_layers[idx] = DCALDecoderLayer(decoder_layers[idx], text_config, idx, use_v2v, use_t2v)
+        decoder_layers[idx] = DCALDecoderLayer(decoder_layers[idx], text_config, idx, use_v2v, use_t2v, init)

@@ -87,16 +87,18 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def initialize_weights(self) -> None:
-        """Zero every cross-attention gate that was not loaded from a checkpoint.
+        """Close every cross-attention block that was not loaded from a checkpoint.
 
         The cross-attentions live inside the LLM, whose own `_init_weights` knows nothing
-        of gates; a checkpoint without DCAL weights (a stage-1 model with T2V off, an
-        imported LLaVA-OneVision) must still start with every gate at exactly 0, and a
-        loaded gate must never be touched (`init.zeros_` skips loaded tensors)."""
+        of gates and re-initialises every Linear; a checkpoint without DCAL weights (a
+        stage-1 model with T2V off, an imported LLaVA-OneVision) must still start with
+        every block adding exactly 0 (a zero gate or a zero `o_proj`, by
+        `cross_attention_init`), and a loaded tensor must never be touched
+        (transformers' `init.zeros_`/`init.constant_` skip loaded tensors)."""
         super().initialize_weights()
         for module in self.modules():
             if isinstance(module, GatedCrossAttention):
-                init.zeros_(module.gate)
+                module.reset_to_closed(init.zeros_, init.constant_)
         newline = getattr(self, "media_newline", None)
         if newline is not None:  # LLaVA-OneVision's init of its image_newline
             init.normal_(newline, mean=0.0, std=newline.shape[0] ** -0.5)
@@ -113,7 +115,8 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         self.media_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size)) if config.media_newline else None
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         install_dcal(
-            self.decoder_layers, config.text_config, config.dcal_layer_indices, config.use_v2v, config.use_t2v
+            self.decoder_layers, config.text_config, config.dcal_layer_indices, config.use_v2v, config.use_t2v,
+            config.cross_attention_init,
         )
         self.post_init()
 

@@ -781,6 +781,34 @@ def caption_record(scene: Scene, index: int) -> dict:
         {"from": "human", "value": f"<video>\n{CAPTION_PROMPT}"}, {"from": "gpt", "value": caption(scene)}]}
 
 
+TEXT_WORLD_FIRST_INDEX = 10**6  # text-world scenes: far beyond any video index, never a test scene
+
+
+def text_world_records(seed: int, count: int, frames: int = 8, size: int = 64, questions_per_video: int = 6) -> list[dict]:
+    """The world as text only: per fresh scene, its dense caption as the context of a
+    multi-turn conversation of its questions, with no media.
+
+    A language model pretrained on these already knows the world before it sees pixels
+    (the question families, the answer words, option letters, counting, "before"), as
+    every CrossLMM variant of the paper starts from one pretrained Qwen2.5. Scenes are
+    drawn from indices `TEXT_WORLD_FIRST_INDEX + i`, so none is a video of the dataset
+    (in particular none is a held-out test scene); rendering is never needed, so the
+    supply is unlimited and costs nothing but the text."""
+    balancer, records = Balancer(), []
+    for i in range(count):
+        index = TEXT_WORLD_FIRST_INDEX + i
+        scene = scene_for(seed, index, frames, size)
+        questions = make_questions(scene, np.random.default_rng([seed, 3, index]), questions_per_video, balancer)
+        turns = []
+        for j, record in enumerate(questions):
+            human, gpt = record["conversations"]
+            question = human["value"].replace("<video>\n", "", 1)
+            text = f"Video description: {caption(scene)}\n{question}" if j == 0 else question
+            turns += [{"from": "human", "value": text}, {"from": "gpt", "value": gpt["value"]}]
+        records.append({"id": f"text{index:07d}", "type": "text_world", "conversations": turns})
+    return records
+
+
 def multiturn_records(records: Sequence[dict]) -> list[dict]:
     """One multi-turn LLaVA record per video, its questions in order: the video is
     decoded and encoded once for all of them, so a training step costs about a sixth of

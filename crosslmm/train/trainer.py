@@ -329,8 +329,16 @@ def _all_cached(processor: CrossLMMProcessor, record: dict, media_root, cache: F
 
 
 def gate_values(model) -> dict[str, float]:
-    values: dict[str, list[float]] = {"v2v": [], "t2v": []}
-    for name, param in model.named_parameters():
-        if name.endswith(".gate"):
-            values["v2v" if ".v2v." in name else "t2v"].append(float(torch.tanh(param.detach()).abs().mean()))
-    return {f"gate/{k}_mean_abs_tanh": sum(v) / len(v) for k, v in values.items() if v}
+    """Mean |tanh(gate)| and mean opening (|tanh(gate)| x RMS of o_proj) per kind of block."""
+    from crosslmm.model.cross_attention import GatedCrossAttention
+
+    gates: dict[str, list[float]] = {"v2v": [], "t2v": []}
+    openings: dict[str, list[float]] = {"v2v": [], "t2v": []}
+    for name, module in model.named_modules():
+        if isinstance(module, GatedCrossAttention):
+            kind = "v2v" if name.endswith("v2v") else "t2v"
+            gates[kind].append(float(torch.tanh(module.gate.detach()).abs().mean()))
+            openings[kind].append(module.opening())
+    metrics = {f"gate/{k}_mean_abs_tanh": sum(v) / len(v) for k, v in gates.items() if v}
+    metrics.update({f"gate/{k}_mean_opening": sum(v) / len(v) for k, v in openings.items() if v})
+    return metrics
