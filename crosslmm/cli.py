@@ -301,6 +301,28 @@ def bench_efficiency(
     typer.echo((out / "results.md").read_text())
 
 
+@bench_app.command("flops")
+def bench_flops(
+    preset: str = typer.Option("crosslmm-2b", help="Model shapes: crosslmm-2b, crosslmm-7b, reduced, small, tiny."),
+    frames: str = typer.Option("32,64,128,256", help="Comma-separated frame counts."),
+    tokens_per_frame: str = typer.Option("9", help="Comma-separated CrossLMM tokens per frame (1, 9, 16, ...)."),
+    all_logits: bool = typer.Option(False, help="Apply the LM head at every position, as a plain forward does (default: the last)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of the table."),
+) -> None:
+    """FLOPs and MACs of one prefill per component at a preset's real shapes, for CrossLMM and
+    LLaVA-OneVision's computation on the same ViT and LLM; counted on the meta device (no
+    weights, no activations), so the 7B shapes take seconds."""
+    import json
+
+    from crosslmm.bench.flops import flops_rows, flops_table
+
+    try:
+        rows = flops_rows(preset, _int_list(frames), _int_list(tokens_per_frame), all_logits)
+    except ValueError as err:
+        _fail(err)
+    typer.echo(json.dumps(rows, indent=2) if as_json else flops_table(preset, rows))
+
+
 @bench_app.command("gqa-layout")
 def bench_gqa_layout(
     frames: int = typer.Option(64, help="Frames whose 729 original tokens are the keys."),

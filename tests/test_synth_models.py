@@ -190,3 +190,34 @@ def test_caption_grounding_reads_the_answer_positions_the_loss_trains(data, tmp_
     shift = out.logits.shape[1] - item["input_ids"].shape[0]
     ours = torch.nn.functional.cross_entropy(out.logits[0, positions - 1 + shift], item["input_ids"][positions])
     assert torch.allclose(ours, out.loss, atol=1e-5)
+
+
+def test_text_world_records_carry_the_scene_as_text_and_never_a_dataset_scene():
+    from crosslmm.synth.world import TEXT_WORLD_FIRST_INDEX, TEXT_WORLD_PREFIX, text_world_records
+
+    records = text_world_records(0, 5)
+    for i, record in enumerate(records):
+        scene = scene_for(0, TEXT_WORLD_FIRST_INDEX + i)
+        first = record["conversations"][0]["value"]
+        assert first.startswith(TEXT_WORLD_PREFIX + caption(scene) + "\n")
+        assert "<video>" not in json.dumps(record) and "video" not in record
+        answers = [turn["value"] for turn in record["conversations"][1::2]]
+        assert answers == [q["answer"] for q in record["questions"]] and len(answers) >= 3
+    assert text_world_records(0, 5) == records  # deterministic
+
+
+def test_a_text_pretrained_language_model_is_the_base_of_a_new_variant(tmp_path):
+    corpus = ["frame 1: red square top-left.", "What colour is the object?", "A B C D"]
+    base = init_from_scratch("small", tmp_path / "base", corpus, vocab_size=300, seed=1,
+                             use_v2v=False, use_t2v=False)
+    variant = init_from_scratch("small", tmp_path / "variant", corpus, vocab_size=300, seed=2, language=base,
+                                tokens_per_frame=4, use_v2v=True, use_t2v=True, dcal_every_k=2)
+    base_state = load_file(base / "model.safetensors")
+    variant_state = load_file(variant / "model.safetensors")
+    llm = [k for k in base_state if k.startswith("language_model.")]
+    assert llm and all(torch.equal(variant_state[k], base_state[k]) for k in llm)
+    assert any(".t2v." in k for k in variant_state)  # the new blocks exist, and are the variant's own
+    assert not torch.equal(variant_state["projector.linear_1.weight"], base_state["projector.linear_1.weight"])
+    assert (variant / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
+    with pytest.raises(ValueError, match="does not fit"):
+        init_from_scratch("tiny", tmp_path / "wrong", corpus, vocab_size=300, language=base)

@@ -78,12 +78,20 @@ def siglip_preprocessor_config(image_size: int) -> dict:
 
 def init_from_scratch(
     preset: str, out_dir: str | Path, corpus: list[str], vocab_size: int = 1024, seed: int = 0,
-    vision: str | Path | None = None, **overrides: Any
+    vision: str | Path | None = None, language: str | Path | None = None, **overrides: Any
 ) -> Path:
     """A CrossLMM at `preset`'s shapes with a tokenizer trained on `corpus`; everything
     random (from `seed`) except, when `vision` names a vision-encoder checkpoint of the
-    preset's shape, the vision tower, which is loaded from it."""
-    tokenizer = train_tokenizer(corpus, vocab_size)
+    preset's shape, the vision tower, which is loaded from it, and, when `language` names
+    a CrossLMM checkpoint of the same preset (e.g. the text-pretrained base of
+    `configs/synth/text.yaml`), the language model and the tokenizer, taken from it: the
+    synthetic world's analogue of starting every variant from one pretrained Qwen2.5."""
+    if language is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(language, local_files_only=True)
+    else:
+        tokenizer = train_tokenizer(corpus, vocab_size)
     config = preset_config(preset, media_token_id=tokenizer.convert_tokens_to_ids(MEDIA_TOKEN), **overrides)
     text = config.text_config
     text.vocab_size = len(tokenizer)
@@ -94,11 +102,40 @@ def init_from_scratch(
     model = CrossLMMForCausalLM(config)
     if vision is not None:
         load_vision_weights(model, vision)
+    if language is not None:
+        load_language_weights(model, language)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "preprocessor_config.json").write_text(json.dumps(siglip_preprocessor_config(config.image_size), indent=2))
     return out_dir
+
+
+def load_language_weights(model: CrossLMMForCausalLM, checkpoint: str | Path) -> None:
+    """Copy the language model (`language_model.*`, DCAL blocks excluded: they are new per
+    variant) of a CrossLMM checkpoint into `model`. Every LLM tensor must be there with
+    the same shape; the decoder's weight names do not depend on where the DCALs sit."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(checkpoint).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(2, "no safetensors weights in the language checkpoint", str(checkpoint))
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    own = {k: v for k, v in model.state_dict().items()
+           if k.startswith("language_model.") and ".v2v." not in k and ".t2v." not in k}
+    tied = bool(model.config.tie_word_embeddings)  # then lm_head is the embedding, stored once
+    missing = sorted(k for k in own if k not in state and not (tied and k.endswith("lm_head.weight")))
+    mismatched = sorted(k for k in own if k in state and state[k].shape != own[k].shape)
+    if missing or mismatched:
+        raise ValueError(
+            f"language checkpoint {checkpoint} does not fit the preset's LLM: missing {missing[:5]}, "
+            f"shape mismatch {mismatched[:5]}"
+        )
+    model.load_state_dict({k: state[k].to(own[k].dtype) for k in own if k in state}, strict=False)
+    if tied:
+        model.tie_weights()
 
 
 def load_vision_weights(model: CrossLMMForCausalLM, vision_dir: str | Path) -> None:

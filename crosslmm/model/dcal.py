@@ -60,6 +60,13 @@ class CrossAttentionGroups:
         in_order = torch.arange(self.key_frames.numel(), device=self.key_frames.device)
         self.frames_in_order = bool((self.key_frames.reshape(-1) == in_order).all())
 
+    def to(self, device: torch.device | str) -> "CrossAttentionGroups":
+        """The same groups on another device, flags kept as computed here (so a layout
+        built from real ids on the CPU can drive a model on the meta device)."""
+        moved = object.__new__(CrossAttentionGroups)
+        moved.__dict__.update({k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()})
+        return moved
+
     def key_mask(self, original_tokens_per_frame: int) -> torch.Tensor | None:
         """(G, Lq, Fk*N) bool, or None when every query sees all or none of its keys.
         Built once and reused by every DCAL layer of the forward pass."""

@@ -60,6 +60,25 @@ def evaluate(model, processor, records: list[dict], media_root: str | Path, max_
     return {"accuracy": accuracy, "count": counts, "predictions": predictions}
 
 
+def evaluate_text_world(model, processor, records: list[dict], max_new_tokens: int = 8) -> dict:
+    """Accuracy of a text-pretrained LLM on `text_world_records`: every question asked
+    alone after its scene's caption as text, the way a video question is asked after the
+    video (multi-turn context would let earlier answers leak). What the base LLM knows of
+    the world before it sees pixels."""
+    hits: dict[str, list[int]] = defaultdict(list)
+    for record in records:
+        description = record["conversations"][0]["value"].split("\n", 1)[0]
+        humans = [turn["value"] for turn in record["conversations"][0::2]]
+        for j, (human, meta) in enumerate(zip(humans, record["questions"])):
+            question = human if j == 0 else f"{description}\n{human}"
+            raw = answer(model, processor, question, [], max_new_tokens=max_new_tokens)
+            correct = int(is_correct(raw, meta))
+            for key in ("all", f"form/{meta['form']}", f"type/{meta['type']}", f"type/{meta['type']}/{meta['form']}"):
+                hits[key].append(correct)
+    return {"accuracy": {k: sum(v) / len(v) for k, v in sorted(hits.items())},
+            "count": {k: len(v) for k, v in sorted(hits.items())}}
+
+
 # One sprite in a frame's description ("white triangle with dots top-right") and one in
 # the motion sentence ("white triangle down"); see `world.caption`.
 _CAPTION_ITEM = re.compile(r"(?P<colour>[a-z]+) (?P<shape>[a-z]+)(?: with (?P<pattern>[a-z]+))? "

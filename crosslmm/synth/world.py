@@ -782,6 +782,7 @@ def caption_record(scene: Scene, index: int) -> dict:
 
 
 TEXT_WORLD_FIRST_INDEX = 10**6  # text-world scenes: far beyond any video index, never a test scene
+TEXT_WORLD_PREFIX = "Video description: "
 
 
 def text_world_records(seed: int, count: int, frames: int = 8, size: int = 64, questions_per_video: int = 6) -> list[dict]:
@@ -803,9 +804,10 @@ def text_world_records(seed: int, count: int, frames: int = 8, size: int = 64, q
         for j, record in enumerate(questions):
             human, gpt = record["conversations"]
             question = human["value"].replace("<video>\n", "", 1)
-            text = f"Video description: {caption(scene)}\n{question}" if j == 0 else question
+            text = f"{TEXT_WORLD_PREFIX}{caption(scene)}\n{question}" if j == 0 else question
             turns += [{"from": "human", "value": text}, {"from": "gpt", "value": gpt["value"]}]
-        records.append({"id": f"text{index:07d}", "type": "text_world", "conversations": turns})
+        records.append({"id": f"text{index:07d}", "type": "text_world", "conversations": turns,
+                        "questions": [{k: q[k] for k in ("type", "form", "answer")} for q in questions]})
     return records
 
 
