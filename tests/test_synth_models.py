@@ -113,6 +113,8 @@ def test_ablation_runner_end_to_end_and_resumes(tmp_path):
         "data: {n: 20, seed: 1, questions_per_video: 2}\n"  # 2 held-out videos, 4 questions
 
         "vision: {scenes: 6, steps: 2, batch_frames: 16}\n"
+        f"text_base: {{scenes: 8, recipe: {REPO / 'configs/synth/text.yaml'}, train_overrides: [max_steps=2, per_device_batch_size=2]}}\n"
+        "caption_t2v: true\n"
         f"caption_recipe: {REPO / 'configs/synth/captions.yaml'}\n"
         f"recipe: {REPO / 'configs/synth/llm.yaml'}\n"
         "train_overrides: [max_steps=2, per_device_batch_size=2]\n"
@@ -140,6 +142,14 @@ def test_ablation_runner_end_to_end_and_resumes(tmp_path):
         json.loads((tmp_path / "run" / "data" / "test.json").read_text()))
     weights = load_file(tmp_path / "default" / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    # Every variant starts from the one text-pretrained LLM (stage 0), and with caption_t2v
+    # the caption stage of `both` already trains T2V.
+    base = load_file(tmp_path / "run" / "text_base" / "train" / "model" / "model.safetensors")
+    for name in ("pooled", "both"):
+        init = load_file(tmp_path / "run" / "variants" / name / "init" / "model.safetensors")
+        assert all(torch.equal(init[k], base[k]) for k in base if k.startswith("language_model."))
+    stage1 = load_file(tmp_path / "run" / "variants" / "both" / "stage1" / "model" / "model.safetensors")
+    assert any(".t2v." in k for k in stage1)
 
     # Finished variants are not trained again.
     result = tmp_path / "run" / "variants" / "pooled" / "result.json"

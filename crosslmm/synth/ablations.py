@@ -58,6 +58,17 @@ class VisionSpec:
 
 
 @dataclass
+class TextBaseSpec:
+    """Stage 0: one language model pretrained on the world as text (captions as context,
+    then questions; `world.text_world_records`), the base every variant starts from, as
+    every paper variant starts from the same pretrained Qwen2.5."""
+
+    scenes: int = 0  # text-world conversations to train on; 0: no base, every LLM starts random
+    recipe: str = "text.yaml"  # relative to the YAML's folder
+    train_overrides: list[str] = field(default_factory=list)  # key=value for the stage-0 run
+
+
+@dataclass
 class DefaultModelSpec:
     variant: str | None = None  # the variant exported as the bundled default model
     out: str = "crosslmm/assets/default_model"
@@ -72,7 +83,9 @@ class AblationConfig:
     preset: str = "small"
     vocab_size: int = 512
     seed: int = 0  # initial weights of every variant
+    text_base: TextBaseSpec = field(default_factory=TextBaseSpec)
     caption_recipe: str | None = "captions.yaml"  # stage 1 on dense captions (relative to the YAML's folder); null: none
+    caption_t2v: bool = False  # T2V on in the caption stage too (the paper: off, Table 2c)
     recipe: str = "llm.yaml"  # stage 2 on the questions (relative to the YAML's folder)
     train_overrides: list[str] = field(default_factory=list)  # key=value for every variant
     eval_questions: int = 0  # held-out questions scored per variant; 0: all
@@ -94,6 +107,7 @@ def load_ablation_config(path: str | Path, overrides: list[str] | None = None) -
     except OmegaConfBaseException as err:
         raise ValueError(f"bad ablation config {path}: {err}") from err
     config.recipe = str((path.parent / config.recipe).resolve())
+    config.text_base.recipe = str((path.parent / config.text_base.recipe).resolve())
     if config.caption_recipe:
         config.caption_recipe = str((path.parent / config.caption_recipe).resolve())
     if not config.variants:
@@ -145,6 +159,51 @@ def prepare_vision(config: AblationConfig, data: Path, folder: Path) -> Path:
     return folder
 
 
+def prepare_text_base(config: AblationConfig, data: Path, folder: Path) -> Path | None:
+    """Stage 0, once for every variant: a pooled-only model of the preset whose LLM learns
+    the world as text. Returns its model folder (None without a text base). An
+    interrupted run resumes from its last checkpoint; a finished one is reused while its
+    spec is unchanged."""
+    import torch
+
+    from crosslmm.checkpoints.scratch import init_from_scratch
+    from crosslmm.synth.world import text_world_records
+    from crosslmm.train.trainer import train
+
+    spec = config.text_base
+    if not spec.scenes:
+        return None
+    wanted = {"spec": asdict(spec), "recipe": Path(spec.recipe).read_text(), "seed": config.seed,
+              "data": asdict(config.data), "preset": config.preset, "vocab_size": config.vocab_size}
+    done = folder / "text_base.json"
+    if done.exists() and json.loads(done.read_text()).get("settings") == wanted:
+        return folder / "train" / "model"
+    settings_file = folder / "settings.json"
+    if settings_file.exists() and json.loads(settings_file.read_text()) != wanted:
+        shutil.rmtree(folder)  # another spec: start over
+    folder.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(wanted, indent=2))
+    torch.set_num_threads(os.cpu_count() or 1)
+    records = folder / "train_text.json"
+    if not records.exists():
+        d = config.data
+        texts = text_world_records(d.seed, spec.scenes, d.frames, d.size, d.questions_per_video)
+        records.write_text(json.dumps(texts, indent=1) + "\n")
+    init = folder / "init"
+    if not (init / "config.json").exists():
+        init_from_scratch(config.preset, init, _corpus(data), vocab_size=config.vocab_size, seed=config.seed,
+                          use_v2v=False, use_t2v=False)
+    resume = ["resume=latest"] if (folder / "train" / "checkpoints" / "latest").exists() else []
+    from crosslmm.train.config import load_train_config
+
+    model_dir = train(load_train_config(spec.recipe, [
+        f"model={init}", f"output_dir={folder / 'train'}", f"data.train={records}", f"seed={config.seed}",
+        *spec.train_overrides, *resume,
+    ]))
+    done.write_text(json.dumps({"settings": wanted, "model": str(model_dir)}, indent=2))
+    return Path(model_dir)
+
+
 def _train_config(recipe: str, config: AblationConfig, records: Path, model_dir: Path, output_dir: Path, cache: Path,
                   extra: list[str]):
     from crosslmm.train.config import load_train_config
@@ -192,7 +251,8 @@ def _fill_cache(config: AblationConfig, data: Path, vision: Path, folder: Path, 
 # --------------------------------------------------------------------------- one variant
 
 
-def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, threads: int) -> dict:
+def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, threads: int,
+                text_base: Path | None = None) -> dict:
     """Initialise, train and score one variant; returns (and saves) its result."""
     import torch
 
@@ -208,6 +268,7 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
     settings = {"options": options, "seed": config.seed, "recipe": Path(config.recipe).read_text(),
                 "caption_recipe": Path(config.caption_recipe).read_text() if config.caption_recipe else None,
                 "train_overrides": config.train_overrides, "eval_questions": config.eval_questions,
+                "text_base": asdict(config.text_base) if text_base else None, "caption_t2v": config.caption_t2v,
                 "data": asdict(config.data), "vision": asdict(config.vision), "preset": config.preset}
     result_file = out / "result.json"
     if result_file.exists():
@@ -221,14 +282,18 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
         shutil.rmtree(out)
 
     init = init_from_scratch(config.preset, out / "init", _corpus(data), vocab_size=config.vocab_size,
-                             seed=config.seed, vision=vision, **options)
+                             seed=config.seed, vision=vision, language=text_base, **options)
     cache = Path(config.out_dir) / "feature_cache"
     use_t2v = bool(options.get("use_t2v", True))
     started = time.perf_counter()
     model_dir = init
-    if config.caption_recipe:  # stage 1: dense captions, T2V off (paper Table 2c)
+    if config.caption_recipe:  # stage 1: dense captions, T2V off (paper Table 2c) unless caption_t2v
+        caption_t2v = config.caption_t2v and use_t2v
+        extra = [f"model_overrides.use_t2v={str(caption_t2v).lower()}"]
+        if caption_t2v:
+            extra.append("optim.trainable=[projector,llm,v2v,t2v]")
         model_dir = train(_train_config(config.caption_recipe, config, data / "train_captions.json", init,
-                                        out / "stage1", cache, ["model_overrides.use_t2v=false"]))
+                                        out / "stage1", cache, extra))
     final = train(_train_config(config.recipe, config, data / "train_multiturn.json", model_dir, out / "train", cache,
                                 [f"model_overrides.use_t2v={str(use_t2v).lower()}"]))
     train_seconds = time.perf_counter() - started
@@ -312,8 +377,13 @@ def run_ablations(config: AblationConfig, only: list[str] | None = None) -> dict
     if not _cache_complete(out / "feature_cache", data):
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
             pool.submit(_fill_cache, config, data, vision, out, cores).result()
+    if config.text_base.scenes:
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            text_base = pool.submit(prepare_text_base, config, data, out / "text_base").result()
+    else:
+        text_base = None
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = {name: pool.submit(run_variant, config, name, data, vision, threads) for name in names}
+        futures = {name: pool.submit(run_variant, config, name, data, vision, threads, text_base) for name in names}
         for name in names:  # re-raises a variant's error here
             futures[name].result()
 
