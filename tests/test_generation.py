@@ -51,9 +51,9 @@ def test_cross_attention_kv_is_computed_once_per_request_and_v2v_runs_at_prefill
                 monkeypatch.setattr(block, "project_key_value", lambda o, f=project, k=kind: (count(f"{k} kv")(), f(o))[1])
     ids = torch.tensor([[5, MEDIA, 7]])
     model.generate(ids, pixel_values=frames(2), media_num_frames=torch.tensor([2]), max_new_tokens=6, eos_token_id=[])
-    layers = len(model.config.dcal_layer_indices)
-    assert calls["v2v kv"] == calls["t2v kv"] == layers  # K/V at prefill only, never per decoded token
-    assert calls["v2v attend"] == layers  # V2V: prefill only
+    layers, v2v_layers = len(model.config.dcal_layer_indices), len(model.config.v2v_layer_indices)
+    assert calls["t2v kv"] == layers and calls["v2v kv"] == v2v_layers  # K/V at prefill only, never per decoded token
+    assert calls["v2v attend"] == v2v_layers  # V2V: prefill only
     assert calls["t2v attend"] == layers * 6  # T2V: prefill + 5 decode steps
 
 

@@ -91,12 +91,25 @@ def test_2b_stage1_trainable_parameters_match_the_paper_on_the_meta_device():
     from crosslmm import CrossLMMForCausalLM
 
     with torch.device("meta"):
-        model = CrossLMMForCausalLM(preset_config("crosslmm-2b"))
+        model = CrossLMMForCausalLM(preset_config("crosslmm-2b", v2v_at_last_layer=True))  # the paper's layout
     count = lambda key: sum(p.numel() for n, p in model.named_parameters() if key in n)  # noqa: E731
     v2v, projector = count(".v2v."), count("projector.")
     assert 5.4e6 < v2v / 7 < 5.6e6  # one V2V block, method.md: about 5.5 M
     assert 4.0e6 < projector < 4.2e6
     assert 42e6 < v2v + projector < 44e6  # the paper's Table 3: ~43 M trainable in stage 1
+
+
+def test_no_v2v_block_at_the_final_layer_unless_asked():
+    """Its update would reach nothing: no later layer reads the visual positions."""
+    from crosslmm import CrossLMMForCausalLM
+
+    config = tiny_config()  # 4 layers, K = 2: DCALs at 1 and 3
+    model = CrossLMMForCausalLM(config)
+    assert config.dcal_layer_indices == [1, 3] and config.v2v_layer_indices == [1]
+    assert model.decoder_layers[3].v2v is None and model.decoder_layers[3].t2v is not None
+    assert tiny_config(v2v_at_last_layer=True).v2v_layer_indices == [1, 3]
+    with pytest.raises(ValueError, match="read by nothing"):
+        tiny_config(dcal_every_k=4, use_t2v=False)
 
 
 def test_baseline_is_the_same_code_path_without_dcal():

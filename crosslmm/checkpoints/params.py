@@ -52,13 +52,19 @@ def count_parameters(config: CrossLMMConfig, stage: int) -> dict:
         trainable = counts["projector"] + counts["v2v"] + gate_owner["v2v"]
     else:
         trainable = sum(counts.values())
-    return {
+    result = {
         "stage": stage,
         "components": counts,
         "total": sum(counts.values()),
         "trainable": trainable,
         "dcal_layers": config.dcal_layer_indices,
+        "v2v_layers": config.v2v_layer_indices,
     }
+    if config.use_v2v and not config.v2v_at_last_layer and config.v2v_layer_indices != config.dcal_layer_indices:
+        # The paper's layout builds V2V at the final layer too: its count, for comparison.
+        paper_layout = CrossLMMConfig(**{**config.to_dict(), "v2v_at_last_layer": True})
+        result["trainable_with_last_layer_v2v"] = count_parameters(paper_layout, stage)["trainable"]
+    return result
 
 
 def describe(result: dict, name: str) -> str:
@@ -67,9 +73,14 @@ def describe(result: dict, name: str) -> str:
         lines.append(f"  {part:>10}: {count:>14,d}" if part == "gates" else f"  {part:>10}: {count / 1e6:12.3f} M")
     lines.append(f"  {'total':>10}: {result['total'] / 1e6:12.3f} M")
     lines.append(f"stage {result['stage']} trainable: {result['trainable'] / 1e6:.3f} M "
-                 f"(DCAL in layers {result['dcal_layers']})")
+                 f"(DCAL in layers {result['dcal_layers']}, V2V in {result['v2v_layers']})")
     if name == "crosslmm-2b" and result["stage"] == 1:
         ratio = result["trainable"] / PAPER_STAGE1_TRAINABLE_2B
         lines.append(f"paper (Table 3, projector + cross-attention): ~43 M; this model: "
                      f"{result['trainable'] / 1e6:.1f} M ({100 * ratio:.1f} % of it)")
+        if "trainable_with_last_layer_v2v" in result:
+            full = result["trainable_with_last_layer_v2v"]
+            lines.append(f"  with a V2V block at the final layer too, as the paper counts (v2v_at_last_layer=true): "
+                         f"{full / 1e6:.1f} M ({100 * full / PAPER_STAGE1_TRAINABLE_2B:.1f} %); that block's output "
+                         "is read by nothing, so it is not built by default")
     return "\n".join(lines)

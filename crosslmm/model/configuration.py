@@ -62,6 +62,10 @@ class CrossLMMConfig(PretrainedConfig):
             compatibility setting of imported checkpoints).
         media_newline: append one learned token after every media item's visual tokens,
             as LLaVA-OneVision does after each video.
+        v2v_at_last_layer: build a V2V block in a DCAL at the LLM's final layer. Off by
+            default: its update reaches nothing (no later layer reads the visual
+            positions, and they carry no loss), so it could never learn; the paper's
+            trainable count includes it (docs/architecture.md, "The last DCAL").
         cross_attention_init: how a new cross-attention block starts; both make it add
             exactly zero, so a fresh CrossLMM computes what the pooled-only model computes.
             "zero_output" (default): `o_proj` at zero and the gate at 1 (tanh 0.76).
@@ -93,6 +97,7 @@ class CrossLMMConfig(PretrainedConfig):
         pool_after_projector: bool = False,
         media_newline: bool = False,
         cross_attention_init: str = "zero_output",
+        v2v_at_last_layer: bool = False,
         **kwargs: Any,
     ) -> None:
         self.vision_config = _as_config(vision_config, "siglip_vision_model")
@@ -111,6 +116,7 @@ class CrossLMMConfig(PretrainedConfig):
         self.pool_after_projector = pool_after_projector
         self.media_newline = media_newline
         self.cross_attention_init = cross_attention_init
+        self.v2v_at_last_layer = v2v_at_last_layer
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
         self.validate_crosslmm()
@@ -153,6 +159,11 @@ class CrossLMMConfig(PretrainedConfig):
                 f"dcal_every_k={self.dcal_every_k} leaves no DCAL layer in a {self.text_config.num_hidden_layers}-layer "
                 "LLM; lower it or switch use_v2v/use_t2v off for a pooled-only model"
             )
+        if self.use_v2v and not self.use_t2v and not self.v2v_layer_indices:
+            raise ValueError(
+                f"dcal_every_k={self.dcal_every_k} puts the only DCAL at the final layer, where V2V is read by "
+                "nothing; lower dcal_every_k, switch use_t2v on, or set v2v_at_last_layer=True"
+            )
         vocab = self.text_config.vocab_size
         if self.media_token_id is not None and not 0 <= self.media_token_id < vocab:
             raise ValueError(f"media_token_id={self.media_token_id} is outside the LLM's vocabulary of {vocab}")
@@ -192,6 +203,15 @@ class CrossLMMConfig(PretrainedConfig):
             return []
         k = self.dcal_every_k
         return list(range(k - 1, self.text_config.num_hidden_layers, k))
+
+    @property
+    def v2v_layer_indices(self) -> list[int]:
+        """DCAL layers with a V2V block: all of them but the final decoder layer, whose V2V
+        output nothing reads (unless `v2v_at_last_layer`)."""
+        if not self.use_v2v:
+            return []
+        last = self.text_config.num_hidden_layers - 1
+        return [i for i in self.dcal_layer_indices if i != last or self.v2v_at_last_layer]
 
     @property
     def num_vision_layers_used(self) -> int:

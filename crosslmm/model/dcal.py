@@ -215,9 +215,10 @@ def _scatter_update(
 
 
 def install_dcal(
-    decoder_layers: nn.ModuleList, text_config: PretrainedConfig, layer_indices: list[int], use_v2v: bool, use_t2v: bool,
-    init: str = "zero_output",
+    decoder_layers: nn.ModuleList, text_config: PretrainedConfig, layer_indices: list[int], v2v_layers: list[int],
+    use_t2v: bool, init: str = "zero_output",
 ) -> None:
-    """Replace the chosen decoder layers, in place, by DCAL layers around their own parts."""
+    """Replace the chosen decoder layers, in place, by DCAL layers around their own parts;
+    those in `v2v_layers` get a V2V block, all of them a T2V block when `use_t2v`."""
     for idx in layer_indices:
-        decoder_layers[idx] = DCALDecoderLayer(decoder_layers[idx], text_config, idx, use_v2v, use_t2v, init)
+        decoder_layers[idx] = DCALDecoderLayer(decoder_layers[idx], text_config, idx, idx in v2v_layers, use_t2v, init)

@@ -115,7 +115,7 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         self.media_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size)) if config.media_newline else None
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         install_dcal(
-            self.decoder_layers, config.text_config, config.dcal_layer_indices, config.use_v2v, config.use_t2v,
+            self.decoder_layers, config.text_config, config.dcal_layer_indices, config.v2v_layer_indices, config.use_t2v,
             config.cross_attention_init,
         )
         self.post_init()
