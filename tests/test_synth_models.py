@@ -231,3 +231,33 @@ def test_a_text_pretrained_language_model_is_the_base_of_a_new_variant(tmp_path)
     assert (variant / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
     with pytest.raises(ValueError, match="does not fit"):
         init_from_scratch("tiny", tmp_path / "wrong", corpus, vocab_size=300, language=base)
+
+
+@pytest.mark.parametrize("kind", ["questions", "text", "captions"])
+def test_a_probe_is_written_while_training(data, tmp_path, kind):
+    from crosslmm.synth.world import text_world_records
+    from crosslmm.train.config import load_train_config
+    from crosslmm.train.trainer import train
+
+    corpus = corpus_from_records([data / "train.json", data / "train_captions.json"])
+    init = init_from_scratch("small", tmp_path / "m", corpus, vocab_size=300)
+    (tmp_path / "text.json").write_text(json.dumps(text_world_records(3, 2)))
+    if kind == "captions":  # two held-out videos at least: each is the other's control
+        write_dataset(tmp_path / "world", n=20, seed=3, questions_per_video=1)
+    probe_data = {"questions": data / "test.json", "text": tmp_path / "text.json", "captions": tmp_path / "world"}[kind]
+    train(load_train_config(REPO / "configs/synth/llm.yaml", [
+        f"model={init}", f"output_dir={tmp_path / 'run'}", f"data.train={data / 'train_multiturn.json'}",
+        "max_steps=4", "per_device_batch_size=2", "probe.every=2", f"probe.kind={kind}", f"probe.data={probe_data}",
+        "probe.limit=2",
+    ]))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "probe.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4]
+    key = "video/all" if kind == "captions" else "all"
+    assert all(0.0 <= line[key] <= 1.0 and line["kind"] == kind for line in lines)
+
+
+def test_a_probe_without_data_is_refused():
+    from crosslmm.train.config import load_train_config
+
+    with pytest.raises(ValueError, match="probe needs"):
+        load_train_config(REPO / "configs/synth/llm.yaml", ["model=m", "output_dir=o", "data.train=t", "probe.every=5"])

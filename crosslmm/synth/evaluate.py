@@ -79,6 +79,23 @@ def evaluate_text_world(model, processor, records: list[dict], max_new_tokens: i
             "count": {k: len(v) for k, v in sorted(hits.items())}}
 
 
+def probe(kind: str, model, processor, data: str | Path, limit: int) -> dict[str, float]:
+    """A training-time measurement (`probe` in a recipe): `questions` answers the first
+    `limit` records of a held-out question file (its videos beside it), `text` the
+    questions of the first `limit` text-world records, `captions` scores caption
+    grounding on the first `limit` held-out videos of a dataset folder. Flat
+    {metric: value} with `all` first."""
+    data = Path(data)
+    if kind == "questions":
+        records = json.loads(data.read_text())[:limit]
+        return evaluate(model, processor, records, data.parent)["accuracy"]
+    if kind == "text":
+        return evaluate_text_world(model, processor, json.loads(data.read_text())[:limit])["accuracy"]
+    if kind == "captions":
+        return caption_grounding(model, processor, split_scenes(data, "test", limit), data)["accuracy"]
+    raise ValueError(f"unknown probe kind {kind!r}; choose questions, text or captions")
+
+
 # One sprite in a frame's description ("white triangle with dots top-right") and one in
 # the motion sentence ("white triangle down"); see `world.caption`.
 _CAPTION_ITEM = re.compile(r"(?P<colour>[a-z]+) (?P<shape>[a-z]+)(?: with (?P<pattern>[a-z]+))? "

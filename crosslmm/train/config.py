@@ -17,6 +17,9 @@ from omegaconf.errors import OmegaConfBaseException
 PARTS = ("vision", "projector", "llm", "v2v", "t2v")
 
 
+PROBE_KINDS = ("questions", "text", "captions")
+
+
 @dataclass
 class DataConfig:
     train: str = "???"  # a .json/.jsonl record file or a .yaml mixture
@@ -42,6 +45,17 @@ class OptimConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """A small held-out measurement written while training (`probe.jsonl`), so a run that
+    stalls is seen within minutes instead of after its last step."""
+
+    every: int = 0  # optimizer steps between probes (and after the last); 0: none
+    kind: str = "questions"  # questions | text | captions (crosslmm.synth.evaluate.probe)
+    data: str | None = None  # questions/text: a record file; captions: a synthetic dataset folder
+    limit: int = 40  # records (questions, text) or videos (captions) per probe
+
+
+@dataclass
 class TrainConfig:
     model: str = "???"  # a CrossLMM checkpoint directory (crosslmm build / import-llava-ov / a previous stage)
     output_dir: str = "???"
@@ -62,6 +76,7 @@ class TrainConfig:
     log_every: int = 10
     resume: str | None = None  # "latest" or a checkpoint folder
     find_unused_parameters: bool = True  # text-only batches skip the cross-attentions
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -87,6 +102,8 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
     if config.optim.schedule not in ("cosine", "constant"):
         raise ValueError(f"optim.schedule must be cosine or constant, got {config.optim.schedule!r}")
+    if config.probe.every and (config.probe.kind not in PROBE_KINDS or not config.probe.data):
+        raise ValueError(f"probe needs kind in {PROBE_KINDS} and data, got kind={config.probe.kind!r}, data={config.probe.data!r}")
     if config.stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {config.stage}")
     if config.feature_cache and "vision" in config.optim.trainable:

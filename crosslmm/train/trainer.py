@@ -231,6 +231,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
                 log.info("step %d loss %.4f", progress.step, loss_value)
 
             finishing = progress.step == total_steps or (stop_after is not None and progress.step - start_step >= stop_after)
+            if config.probe.every and (progress.step % config.probe.every == 0 or progress.step == total_steps):
+                run_probe(accelerator, model, processor, config, output_dir, progress.step)
             if (config.save_every and progress.step % config.save_every == 0) or finishing:
                 save_checkpoint(checkpoints / f"step-{progress.step:07d}", trainable, optimizer, scheduler,
                                 progress.__dict__, recipe, rank, accelerator.is_main_process, accelerator.wait_for_everyone)
@@ -255,6 +257,23 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         accelerator.wait_for_everyone()
     accelerator.end_training()  # also tears down the process group: last
     return final
+
+
+def run_probe(accelerator: Accelerator, model, processor, config: TrainConfig, output_dir: Path, step: int) -> None:
+    """The recipe's probe on the main process, appended to `probe.jsonl`; the others wait."""
+    if accelerator.is_main_process:
+        from crosslmm.synth.evaluate import probe
+
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.eval()
+        started = time.perf_counter()
+        scores = probe(config.probe.kind, unwrapped, processor, config.probe.data, config.probe.limit)
+        unwrapped.train()
+        line = {"step": step, "kind": config.probe.kind, "seconds": round(time.perf_counter() - started, 1), **scores}
+        with open(output_dir / "probe.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        log.info("probe at step %d: %s", step, {k: round(v, 3) for k, v in scores.items() if "/" not in k})
+    accelerator.wait_for_everyone()
 
 
 class CollateIndices:
