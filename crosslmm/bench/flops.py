@@ -67,6 +67,11 @@ def _components(counts: dict[str, dict], llm: str, num_layers: int) -> dict[str,
         # originals (`project_key_value`, once per block and forward).
         flops["cross_attention_projections"] += linear
         flops["cross_attention_scores"] += scores
+    # What the LLM computes outside its layers and head (the rotary embedding's angles,
+    # a few kFLOPs on some transformers releases) belongs to its attention.
+    llm_total = sum(_split(counts.get(llm, empty)))
+    llm_parts = ("llm_linear", "llm_attention", "cross_attention_projections", "cross_attention_scores")
+    flops["llm_attention"] += llm_total - sum(flops[c] for c in llm_parts)
     flops["total"] = sum(flops[c] for c in COMPONENTS)
     return flops
 
