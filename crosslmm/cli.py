@@ -158,6 +158,30 @@ def synth(
     typer.echo(f"wrote {out}: videos {meta['videos']}, questions {meta['questions']} (per-type counts in meta.json)")
 
 
+@app.command("synth-text")
+def synth_text(
+    out: Path = typer.Argument(..., help="Output folder: train_text.json and heldout_text.json."),
+    n: int = typer.Option(..., "--n", help="Conversations in all (one fresh scene each, never a video's scene)."),
+    heldout: int = typer.Option(0, help="How many of them (the last) go to heldout_text.json."),
+    seed: int = typer.Option(0, help="The world's seed (use the video dataset's)."),
+    questions_per_video: int = typer.Option(6, help="Questions per scene."),
+    caption_as_answer: bool = typer.Option(False, help="The caption as the assistant's turn (trains caption writing too)."),
+) -> None:
+    """The synthetic world as text only, for pretraining the language model before it sees
+    pixels (configs/synth/text.yaml): each scene's dense caption, then its questions."""
+    import json
+
+    from crosslmm.synth.world import text_world_records
+
+    if not 0 <= heldout < n:
+        _fail(ValueError(f"--heldout must be in [0, --n), got {heldout} of {n}"))
+    records = text_world_records(seed, n, questions_per_video=questions_per_video, caption_as_answer=caption_as_answer)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_text.json").write_text(json.dumps(records[: n - heldout], indent=1) + "\n")
+    (out / "heldout_text.json").write_text(json.dumps(records[n - heldout:], indent=1) + "\n")
+    typer.echo(f"wrote {out}: {n - heldout} training and {heldout} held-out conversations")
+
+
 @app.command("synth-eval")
 def synth_eval(
     data: Path = typer.Argument(..., help="A folder written by `crosslmm synth`."),
@@ -167,6 +191,8 @@ def synth_eval(
     out: Path = typer.Option(None, help="Also write accuracies and predictions as JSON here."),
     captions: bool = typer.Option(False, help="Score caption grounding on the split's videos instead of questions "
                                               "(--limit counts videos)."),
+    text: bool = typer.Option(False, help="DATA is a text-world record file (`crosslmm synth-text`): answer its "
+                                          "questions from the captions as text (--limit counts conversations)."),
 ) -> None:
     """Accuracy on the synthetic world's questions, per question type and form; with
     --captions, teacher-forced accuracy on the novel words of the videos' captions with the
@@ -176,12 +202,15 @@ def synth_eval(
     from transformers.utils import logging as hf_logging
 
     from crosslmm.infer import load
-    from crosslmm.synth.evaluate import caption_grounding, evaluate, split_scenes
+    from crosslmm.synth.evaluate import caption_grounding, evaluate, evaluate_text_world, split_scenes
 
     hf_logging.disable_progress_bar()
     crosslmm_model, processor = load(model)
     try:
-        if captions:
+        if text:
+            records = json.loads(data.read_text())
+            result = evaluate_text_world(crosslmm_model, processor, records[:limit] if limit else records)
+        elif captions:
             result = caption_grounding(crosslmm_model, processor, split_scenes(data, split, limit), data)
         else:
             records = json.loads((data / f"{split}.json").read_text())

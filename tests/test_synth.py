@@ -400,3 +400,25 @@ def test_synth_eval_command_scores_every_question(tmp_path):
     assert scored["count"]["all"] == 6 and len(scored["predictions"]) == 6
     assert 0.0 <= scored["accuracy"]["all"] <= 1.0
     assert scored["accuracy"]["all"] == sum(p["correct"] for p in scored["predictions"]) / 6
+
+
+def test_synth_text_then_synth_eval_on_the_text_world(tmp_path):
+    from typer.testing import CliRunner
+
+    from crosslmm.checkpoints.scratch import corpus_from_records, init_from_scratch
+    from crosslmm.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["synth-text", str(tmp_path / "text"), "--n", "6", "--heldout", "2"])
+    assert result.exit_code == 0, result.output
+    train = json.loads((tmp_path / "text" / "train_text.json").read_text())
+    heldout = json.loads((tmp_path / "text" / "heldout_text.json").read_text())
+    assert len(train) == 4 and len(heldout) == 2 and not {r["id"] for r in train} & {r["id"] for r in heldout}
+    init_from_scratch("tiny", tmp_path / "model", corpus_from_records([tmp_path / "text" / "train_text.json"]),
+                      vocab_size=400, tokens_per_frame=1)
+    scored = runner.invoke(app, ["synth-eval", str(tmp_path / "text" / "heldout_text.json"), "--model",
+                                 str(tmp_path / "model"), "--text", "--out", str(tmp_path / "eval.json")])
+    assert scored.exit_code == 0, scored.output
+    assert json.loads((tmp_path / "eval.json").read_text())["count"]["all"] == sum(len(r["questions"]) for r in heldout)
+    bad = runner.invoke(app, ["synth-text", str(tmp_path / "x"), "--n", "3", "--heldout", "3"])
+    assert bad.exit_code != 0 and "--heldout" in bad.output

@@ -214,6 +214,25 @@ def test_text_world_records_carry_the_scene_as_text_and_never_a_dataset_scene():
         answers = [turn["value"] for turn in record["conversations"][1::2]]
         assert answers == [q["answer"] for q in record["questions"]] and len(answers) >= 3
     assert text_world_records(0, 5) == records  # deterministic
+    with_caption = text_world_records(0, 5, caption_as_answer=True)
+    for plain, turned in zip(records, with_caption):
+        assert turned["conversations"][0]["value"] == CAPTION_PROMPT
+        assert turned["conversations"][1]["value"] == plain["conversations"][0]["value"].split("\n", 1)[0][len(TEXT_WORLD_PREFIX):]
+        assert turned["conversations"][3:] == plain["conversations"][1:]
+
+
+@pytest.mark.parametrize("caption_as_answer", [False, True])
+def test_text_world_evaluation_asks_every_question_after_its_caption(tmp_path, caption_as_answer):
+    from crosslmm.infer import load
+    from crosslmm.synth.evaluate import evaluate_text_world
+    from crosslmm.synth.world import text_world_records
+
+    records = text_world_records(0, 2, caption_as_answer=caption_as_answer)
+    corpus = [turn["value"] for r in records for turn in r["conversations"]]
+    model, processor = load(init_from_scratch("small", tmp_path / "m", corpus, vocab_size=300))
+    result = evaluate_text_world(model, processor, records, max_new_tokens=2)
+    assert result["count"]["all"] == sum(len(r["questions"]) for r in records)
+    assert 0.0 <= result["accuracy"]["all"] <= 1.0
 
 
 def test_a_text_pretrained_language_model_is_the_base_of_a_new_variant(tmp_path):

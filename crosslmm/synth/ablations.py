@@ -64,6 +64,7 @@ class TextBaseSpec:
     every paper variant starts from the same pretrained Qwen2.5."""
 
     scenes: int = 0  # text-world conversations to train on; 0: no base, every LLM starts random
+    caption_as_answer: bool = False  # the caption as the assistant's turn (trains caption writing too)
     recipe: str = "text.yaml"  # relative to the YAML's folder
     train_overrides: list[str] = field(default_factory=list)  # key=value for the stage-0 run
 
@@ -187,7 +188,8 @@ def prepare_text_base(config: AblationConfig, data: Path, folder: Path) -> Path 
     records = folder / "train_text.json"
     if not records.exists():
         d = config.data
-        texts = text_world_records(d.seed, spec.scenes, d.frames, d.size, d.questions_per_video)
+        texts = text_world_records(d.seed, spec.scenes, d.frames, d.size, d.questions_per_video,
+                                   caption_as_answer=spec.caption_as_answer)
         records.write_text(json.dumps(texts, indent=1) + "\n")
     init = folder / "init"
     if not (init / "config.json").exists():

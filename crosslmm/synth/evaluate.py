@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from crosslmm.infer import answer
-from crosslmm.synth.world import LETTERS, Scene, caption, caption_record, scene_for, split_indices
+from crosslmm.synth.world import CAPTION_PROMPT, LETTERS, Scene, caption, caption_record, scene_for, split_indices
 
 
 def extract(prediction: str, form: str) -> str:
@@ -67,16 +67,30 @@ def evaluate_text_world(model, processor, records: list[dict], max_new_tokens: i
     the world before it sees pixels."""
     hits: dict[str, list[int]] = defaultdict(list)
     for record in records:
-        description = record["conversations"][0]["value"].split("\n", 1)[0]
-        humans = [turn["value"] for turn in record["conversations"][0::2]]
+        turns = record["conversations"]
+        caption_turn = turns[0]["value"] == CAPTION_PROMPT  # `caption_as_answer` records
+        description = turns[0]["value"].split("\n", 1)[0]
+        humans = [turn["value"] for turn in turns[2 if caption_turn else 0::2]]
         for j, (human, meta) in enumerate(zip(humans, record["questions"])):
-            question = human if j == 0 else f"{description}\n{human}"
-            raw = answer(model, processor, question, [], max_new_tokens=max_new_tokens)
+            if caption_turn:  # the caption as the assistant's earlier turn, then the question
+                raw = _chat_answer(model, processor, [
+                    {"role": "user", "content": CAPTION_PROMPT}, {"role": "assistant", "content": turns[1]["value"]},
+                    {"role": "user", "content": human}], max_new_tokens)
+            else:
+                question = human if j == 0 else f"{description}\n{human}"
+                raw = answer(model, processor, question, [], max_new_tokens=max_new_tokens)
             correct = int(is_correct(raw, meta))
             for key in ("all", f"form/{meta['form']}", f"type/{meta['type']}", f"type/{meta['type']}/{meta['form']}"):
                 hits[key].append(correct)
     return {"accuracy": {k: sum(v) / len(v) for k, v in sorted(hits.items())},
             "count": {k: len(v) for k, v in sorted(hits.items())}}
+
+
+@torch.inference_mode()
+def _chat_answer(model, processor, messages: list[dict], max_new_tokens: int) -> str:
+    inputs = processor(messages)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens)
+    return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def probe(kind: str, model, processor, data: str | Path, limit: int) -> dict[str, float]:

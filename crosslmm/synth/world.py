@@ -785,7 +785,8 @@ TEXT_WORLD_FIRST_INDEX = 10**6  # text-world scenes: far beyond any video index,
 TEXT_WORLD_PREFIX = "Video description: "
 
 
-def text_world_records(seed: int, count: int, frames: int = 8, size: int = 64, questions_per_video: int = 6) -> list[dict]:
+def text_world_records(seed: int, count: int, frames: int = 8, size: int = 64, questions_per_video: int = 6,
+                       caption_as_answer: bool = False) -> list[dict]:
     """The world as text only: per fresh scene, its dense caption as the context of a
     multi-turn conversation of its questions, with no media.
 
@@ -794,17 +795,24 @@ def text_world_records(seed: int, count: int, frames: int = 8, size: int = 64, q
     every CrossLMM variant of the paper starts from one pretrained Qwen2.5. Scenes are
     drawn from indices `TEXT_WORLD_FIRST_INDEX + i`, so none is a video of the dataset
     (in particular none is a held-out test scene); rendering is never needed, so the
-    supply is unlimited and costs nothing but the text."""
+    supply is unlimited and costs nothing but the text.
+
+    With `caption_as_answer` the caption is the assistant's answer to the caption prompt
+    (`CAPTION_PROMPT`, as in `caption_record`) before the questions: the loss then also
+    trains the model to write captions, a far denser signal than one-word answers."""
     balancer, records = Balancer(), []
     for i in range(count):
         index = TEXT_WORLD_FIRST_INDEX + i
         scene = scene_for(seed, index, frames, size)
         questions = make_questions(scene, np.random.default_rng([seed, 3, index]), questions_per_video, balancer)
         turns = []
+        if caption_as_answer:
+            turns = [{"from": "human", "value": CAPTION_PROMPT}, {"from": "gpt", "value": caption(scene)}]
         for j, record in enumerate(questions):
             human, gpt = record["conversations"]
             question = human["value"].replace("<video>\n", "", 1)
-            text = f"{TEXT_WORLD_PREFIX}{caption(scene)}\n{question}" if j == 0 else question
+            in_context = j == 0 and not caption_as_answer
+            text = f"{TEXT_WORLD_PREFIX}{caption(scene)}\n{question}" if in_context else question
             turns += [{"from": "human", "value": text}, {"from": "gpt", "value": gpt["value"]}]
         records.append({"id": f"text{index:07d}", "type": "text_world", "conversations": turns,
                         "questions": [{k: q[k] for k in ("type", "form", "answer")} for q in questions]})
