@@ -126,7 +126,7 @@ def test_v2v_learns_the_answer_through_the_visual_positions(pooled_only):
     """V2V updates only the pooled visual positions; the answer must travel on through
     the later self-attention layers. One class is in the video (the second answer token
     is fixed), so the pooled-only floor is half its two-answer loss. At the same rate as
-    the rest, V2V had not left chance after 600 steps; the blocks train at 10x."""
+    the rest, V2V had not left chance after 400 steps; the blocks train at 10x."""
     model, losses, patterns = train_toy(400, 2e-3, block_lr_mult=10.0, answers=1, use_v2v=True, use_t2v=False)
     pooled_floor = final_loss(pooled_only[1]) / 2
     assert final_loss(losses) < 0.6 * pooled_floor, (final_loss(losses), pooled_floor)
