@@ -151,3 +151,30 @@ def test_the_gpu_image_stays_inside_the_supported_range():
     declared = {req.name: req.specifier for req in _declared_requirements()}
     for name, installed in GPU_IMAGE.items():
         assert declared[name].contains(installed), f"{name} {installed} (GPU image) not in {declared[name]}"
+
+
+def test_raising_a_bound_rewrites_only_that_requirement(tmp_path, monkeypatch):
+    """`tools/deps.py raise` writes the new bound only after the suite passed; here only
+    its edit of pyproject.toml and of the tested-releases table (the suite run is CI's)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location("deps", root / "tools" / "deps.py")
+    deps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deps)
+    pyproject, table = tmp_path / "pyproject.toml", tmp_path / "compatibility.md"
+    pyproject.write_text((root / "pyproject.toml").read_text())
+    table.write_text((root / "docs" / "compatibility.md").read_text())
+    monkeypatch.setattr(deps, "PYPROJECT", pyproject)
+    monkeypatch.setattr(deps, "COMPATIBILITY", table)
+
+    before = deps.declared()
+    old_text = deps.set_upper_bound("transformers", "9.9.9")
+    after = deps.declared()
+    assert after["transformers"] == "transformers>=5.6,<=9.9.9"
+    assert {k: v for k, v in after.items() if k != "transformers"} == {k: v for k, v in before.items() if k != "transformers"}
+    assert old_text == (root / "pyproject.toml").read_text() and deps.lowest("transformers") == "5.6"
+    versions = dict.fromkeys(deps.REPORTED, "1.0")
+    deps.record(versions, "whole suite", "3 passed")
+    assert "| 1.0 | 1.0 | 1.0 | 1.0 | whole suite | 3 passed |\n" + deps.TABLE_END in table.read_text()

@@ -30,7 +30,8 @@ def flop_counter(display: bool = False, depth: int = 3) -> FlopCounterMode:
 # "vit_attention" its attention scores). Linear layers and attention scores are told apart by
 # the aten op: nn.Linear dispatches to mm/addmm; attention (on the meta device SDPA runs
 # its math decomposition) to bmm, which counts QK^T and the weighted sum of V over every
-# (query, key) pair, the causal half included, as the paper's dense counts do.
+# (query, key) pair, the causal half included (a dense count; `crosslmm bench flops` also
+# reports totals without any attention scores, the convention of the paper's Fig. 4).
 COMPONENTS = ("vit", "vit_attention", "projector", "llm_linear", "llm_attention", "cross_attention_projections",
               "cross_attention_scores")
 SCORES = ("vit_attention", "llm_attention", "cross_attention_scores")  # attention over (query, key) pairs
