@@ -38,7 +38,7 @@ def read_config_json(directory: str | Path) -> dict:
 
 def assemble(config: CrossLMMConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> CrossLMMForCausalLM:
     """A CrossLMM whose weights come from `state` (CrossLMM names) where given, and are
-    freshly initialised elsewhere (DCAL blocks with closed gates, a new projector).
+    freshly initialised elsewhere (DCAL blocks closed, a new projector).
 
     The model is built without running initialisers (its memory is never touched before
     the pretrained tensors replace it), so assembling a 7B model costs one copy of the

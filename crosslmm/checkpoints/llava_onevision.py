@@ -71,7 +71,7 @@ def import_llava_onevision(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Convert and save. `layout="crosslmm"` writes the paper's layout instead (pool
-    before the projector, `tokens_per_frame`, DCAL on with closed gates, no newline)."""
+    before the projector, `tokens_per_frame`, DCAL on with closed blocks, no newline)."""
     model_type = read_config_json(source_dir).get("model_type")
     if model_type != "llava_onevision":
         raise CheckpointError(f"{Path(source_dir) / 'config.json'} has model_type={model_type!r}, expected 'llava_onevision'")

@@ -60,7 +60,7 @@ def load_model(config: TrainConfig) -> CrossLMMForCausalLM:
     if config.model_overrides:
         model_config = CrossLMMConfig(**{**model_config.to_dict(), **config.model_overrides})
     if config.stage == 2 and not model_config.use_t2v and "use_t2v" not in config.model_overrides:
-        log.info("stage 2: switching T2V on (new T2V blocks start with closed gates)")
+        log.info("stage 2: switching T2V on (new T2V blocks start closed, adding exactly zero)")
         model_config = CrossLMMConfig(**{**model_config.to_dict(), "use_t2v": True})
     return CrossLMMForCausalLM.from_pretrained(config.model, config=model_config, local_files_only=True)
 
