@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from crosslmm import CrossLMMForCausalLM
-from crosslmm.bench.flops import COMPONENTS, PAPER_TFLOPS, PROMPT_TOKENS, count_prefill, flop_counter
+from crosslmm.bench.flops import COMPONENTS, PAPER_TFLOPS, count_prefill, flop_counter, prompt_ids
 from crosslmm.cli import app
 from crosslmm.presets import preset_config
 
@@ -26,8 +26,7 @@ def test_meta_count_equals_the_count_of_a_real_forward(layout):
 
     torch.manual_seed(0)
     model = CrossLMMForCausalLM(config).eval()
-    half = PROMPT_TOKENS // 2
-    ids = torch.tensor([[3] * half + [config.media_token_id] + [3] * (PROMPT_TOKENS - half)])
+    ids = prompt_ids(config)
     pixels = torch.randn(frames, 3, config.image_size, config.image_size)
     with torch.no_grad(), flop_counter(depth=100) as real:
         model(ids, pixel_values=pixels, media_num_frames=torch.tensor([frames]), logits_to_keep=1, use_cache=True)

@@ -77,7 +77,22 @@ def _components(counts: dict[str, dict], llm: str, num_layers: int) -> dict[str,
     return flops
 
 
-def count_prefill(config, frames: int, prompt_tokens: int = PROMPT_TOKENS, all_logits: bool = False) -> dict[str, float]:
+def prompt_ids(config, prompt_tokens: int = PROMPT_TOKENS) -> torch.Tensor:
+    """(1, prompt_tokens + 1): text tokens around one media placeholder, the counted prompt."""
+    half = prompt_tokens // 2
+    return torch.tensor([[3] * half + [config.media_token_id] + [3] * (prompt_tokens - half)])
+
+
+def meta_model(config):
+    """A CrossLMM of `config` on the meta device: shapes only, nothing allocated."""
+    from crosslmm.model.modeling import CrossLMMForCausalLM
+
+    with torch.device("meta"):
+        return CrossLMMForCausalLM(config).eval()
+
+
+def count_prefill(config, frames: int, prompt_tokens: int = PROMPT_TOKENS, all_logits: bool = False,
+                  model=None) -> dict[str, float]:
     """FLOPs (2 x multiply-adds, torch's convention) of one prefill of `frames` frames and
     `prompt_tokens` text tokens, per component, on the meta device: the real modules run
     at the real shapes, but no weight or activation is ever allocated, so CrossLMM-7B at
@@ -88,17 +103,14 @@ def count_prefill(config, frames: int, prompt_tokens: int = PROMPT_TOKENS, all_l
     embeddings (index copies, no FLOPs) is skipped, and the layout is computed from a real
     prompt on the CPU and then moved to the meta device. A test checks the count against
     FlopCounterMode on a real forward of the tiny preset. `all_logits` applies the LM head
-    at every position (a plain training-style forward) instead of the last one only."""
+    at every position (a plain training-style forward) instead of the last one only.
+    `model`: a `meta_model(config)` to reuse across frame counts."""
     from crosslmm.model.dcal import DCALContext
-    from crosslmm.model.modeling import CrossLMMForCausalLM
     from crosslmm.model.splice import build_layout
 
-    with torch.device("meta"):
-        model = CrossLMMForCausalLM(config).eval()
-    half = prompt_tokens // 2
-    ids = torch.tensor([[3] * half + [config.media_token_id] + [3] * (prompt_tokens - half)])
+    model = model if model is not None else meta_model(config)
     layout = build_layout(
-        ids, None, None, torch.tensor([frames]), media_token_id=config.media_token_id,
+        prompt_ids(config, prompt_tokens), None, None, torch.tensor([frames]), media_token_id=config.media_token_id,
         pooled_tokens_per_frame=config.tokens_per_frame, v2v_scope=config.v2v_scope,
         tokens_after_media=config.tokens_after_media, max_length=None, padding_side="right",
     )
@@ -129,13 +141,14 @@ def flops_rows(preset: str, frames: list[int], tokens_per_frame: list[int], all_
     computation (its layout on the same ViT and LLM) at every frame count."""
     from crosslmm.presets import preset_config
 
+    layouts = [(f"crosslmm-{g}", preset_config(preset, tokens_per_frame=g)) for g in tokens_per_frame]
+    # Released LLaVA-OV checkpoints drop SigLIP's last layer: the same ViT depth as our -2.
+    layouts.append(("llava-ov", preset_config(preset, vision_feature_layer=-2).to_llava_ov_compatible()))
+    models = {name: meta_model(config) for name, config in layouts}
     rows = []
     for n in frames:
-        layouts = [(f"crosslmm-{g}", preset_config(preset, tokens_per_frame=g)) for g in tokens_per_frame]
-        # Released LLaVA-OV checkpoints drop SigLIP's last layer: the same ViT depth as our -2.
-        layouts.append(("llava-ov", preset_config(preset, vision_feature_layer=-2).to_llava_ov_compatible()))
         for name, config in layouts:
-            flops = count_prefill(config, n, all_logits=all_logits)
+            flops = count_prefill(config, n, all_logits=all_logits, model=models[name])
             rows.append({"model": name, "frames": n, "tokens_per_frame": config.tokens_per_frame,
                          "flops": flops, "macs": {k: v / 2 for k, v in flops.items()}})
     return rows

@@ -87,9 +87,7 @@ def init_from_scratch(
     `configs/synth/text.yaml`), the language model and the tokenizer, taken from it: the
     synthetic world's analogue of starting every variant from one pretrained Qwen2.5."""
     if language is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(language, local_files_only=True)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(language, local_files_only=True)
     else:
         tokenizer = train_tokenizer(corpus, vocab_size)
     config = preset_config(preset, media_token_id=tokenizer.convert_tokens_to_ids(MEDIA_TOKEN), **overrides)
@@ -112,30 +110,21 @@ def init_from_scratch(
 
 
 def load_language_weights(model: CrossLMMForCausalLM, checkpoint: str | Path) -> None:
-    """Copy the language model (`language_model.*`, DCAL blocks excluded: they are new per
-    variant) of a CrossLMM checkpoint into `model`. Every LLM tensor must be there with
-    the same shape; the decoder's weight names do not depend on where the DCALs sit."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(checkpoint).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(2, "no safetensors weights in the language checkpoint", str(checkpoint))
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(file))
-    own = {k: v for k, v in model.state_dict().items()
-           if k.startswith("language_model.") and ".v2v." not in k and ".t2v." not in k}
-    tied = bool(model.config.tie_word_embeddings)  # then lm_head is the embedding, stored once
-    missing = sorted(k for k in own if k not in state and not (tied and k.endswith("lm_head.weight")))
-    mismatched = sorted(k for k in own if k in state and state[k].shape != own[k].shape)
-    if missing or mismatched:
+    """Copy the language model of a CrossLMM checkpoint (read by `from_pretrained`, so
+    shards, dtypes and tied embeddings are handled as for any checkpoint) into `model`.
+    DCAL blocks are excluded: they are new per variant; every other LLM tensor must fit."""
+    base = CrossLMMForCausalLM.from_pretrained(checkpoint, local_files_only=True, dtype=torch.float32)
+    state = {k: v for k, v in base.language_model.state_dict().items() if ".v2v." not in k and ".t2v." not in k}
+    try:
+        missing, unexpected = model.language_model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape mismatch
+        raise ValueError(f"language checkpoint {checkpoint} does not fit the preset's LLM: {err}") from err
+    missing = [k for k in missing if ".v2v." not in k and ".t2v." not in k]
+    if missing or unexpected:
         raise ValueError(
             f"language checkpoint {checkpoint} does not fit the preset's LLM: missing {missing[:5]}, "
-            f"shape mismatch {mismatched[:5]}"
+            f"unexpected {unexpected[:5]}"
         )
-    model.load_state_dict({k: state[k].to(own[k].dtype) for k in own if k in state}, strict=False)
-    if tied:
-        model.tie_weights()
 
 
 def load_vision_weights(model: CrossLMMForCausalLM, vision_dir: str | Path) -> None:

@@ -169,6 +169,7 @@ def prepare_text_base(config: AblationConfig, data: Path, folder: Path) -> Path 
 
     from crosslmm.checkpoints.scratch import init_from_scratch
     from crosslmm.synth.world import text_world_records
+    from crosslmm.train.config import load_train_config
     from crosslmm.train.trainer import train
 
     spec = config.text_base
@@ -176,12 +177,11 @@ def prepare_text_base(config: AblationConfig, data: Path, folder: Path) -> Path 
         return None
     wanted = {"spec": asdict(spec), "recipe": Path(spec.recipe).read_text(), "seed": config.seed,
               "data": asdict(config.data), "preset": config.preset, "vocab_size": config.vocab_size}
-    done = folder / "text_base.json"
-    if done.exists() and json.loads(done.read_text()).get("settings") == wanted:
-        return folder / "train" / "model"
-    settings_file = folder / "settings.json"
+    settings_file, model_dir = folder / "settings.json", folder / "train" / "model"
     if settings_file.exists() and json.loads(settings_file.read_text()) != wanted:
         shutil.rmtree(folder)  # another spec: start over
+    elif settings_file.exists() and all((model_dir / f).exists() for f in ("config.json", "model.safetensors")):
+        return model_dir  # finished with this spec
     folder.mkdir(parents=True, exist_ok=True)
     settings_file.write_text(json.dumps(wanted, indent=2))
     torch.set_num_threads(os.cpu_count() or 1)
@@ -196,14 +196,10 @@ def prepare_text_base(config: AblationConfig, data: Path, folder: Path) -> Path 
         init_from_scratch(config.preset, init, _corpus(data), vocab_size=config.vocab_size, seed=config.seed,
                           use_v2v=False, use_t2v=False)
     resume = ["resume=latest"] if (folder / "train" / "checkpoints" / "latest").exists() else []
-    from crosslmm.train.config import load_train_config
-
-    model_dir = train(load_train_config(spec.recipe, [
+    return Path(train(load_train_config(spec.recipe, [
         f"model={init}", f"output_dir={folder / 'train'}", f"data.train={records}", f"seed={config.seed}",
         *spec.train_overrides, *resume,
-    ]))
-    done.write_text(json.dumps({"settings": wanted, "model": str(model_dir)}, indent=2))
-    return Path(model_dir)
+    ])))
 
 
 def _train_config(recipe: str, config: AblationConfig, records: Path, model_dir: Path, output_dir: Path, cache: Path,
