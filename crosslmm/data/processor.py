@@ -211,16 +211,7 @@ class CrossLMMProcessor:
         if return_tensors != "pt":
             raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
         media = list(media or [])
-        chat = [{"role": m["role"], "content": self._with_media_token(_content(m))} for m in messages]
-        placeholders = sum(m["content"].count(self.media_token) for m in chat)
-        if placeholders != len(media):
-            raise ValueError(
-                f"the messages hold {placeholders} media placeholder(s) (<image>, <video> or <media>) but "
-                f"{len(media)} media item(s) were given; each media item needs exactly one placeholder"
-            )
-        text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
-        ids = self._tokenize(text)
-        self._check_placeholder_tokens(ids, len(media))
+        ids = self._prompt_tokens(messages, len(media), add_generation_prompt)
         clips = [item if isinstance(item, VideoClip) else load_media(item, **self.sampling) for item in media]
         frames = [clip.num_frames for clip in clips]
         self._check_length(len(ids), frames, ValueError, prefix="")
@@ -230,6 +221,28 @@ class CrossLMMProcessor:
             "pixel_values": torch.cat([self.frame_processor(clip) for clip in clips]) if clips else None,
             "media_num_frames": torch.tensor(frames, dtype=torch.long),
         }
+
+    def prompt_ids(self, messages: Sequence[Message], media_num_frames: Sequence[int],
+                   add_generation_prompt: bool = True) -> list[int]:
+        """The prompt's token ids for media already decoded elsewhere (`media_num_frames`:
+        frames of each item, in placeholder order), with the same checks as `__call__`:
+        for callers that encode a video once and ask it many questions."""
+        ids = self._prompt_tokens(messages, len(media_num_frames), add_generation_prompt)
+        self._check_length(len(ids), list(media_num_frames), ValueError, prefix="")
+        return ids
+
+    def _prompt_tokens(self, messages: Sequence[Message], num_media: int, add_generation_prompt: bool) -> list[int]:
+        chat = [{"role": m["role"], "content": self._with_media_token(_content(m))} for m in messages]
+        placeholders = sum(m["content"].count(self.media_token) for m in chat)
+        if placeholders != num_media:
+            raise ValueError(
+                f"the messages hold {placeholders} media placeholder(s) (<image>, <video> or <media>) but "
+                f"{num_media} media item(s) were given; each media item needs exactly one placeholder"
+            )
+        text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+        ids = self._tokenize(text)
+        self._check_placeholder_tokens(ids, num_media)
+        return ids
 
     # ------------------------------------------------------------------ training
 

@@ -23,6 +23,22 @@ from transformers.generation.logits_process import (
 )
 
 
+# Decoding options and their defaults; a `generation_config` may set any of them, an
+# explicit keyword argument wins over it (transformers' precedence).
+GENERATION_DEFAULTS: dict[str, object] = {
+    "max_new_tokens": 64,
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": None,
+    "top_p": None,
+    "repetition_penalty": None,
+    "num_return_sequences": 1,
+    "num_beams": 1,
+    "eos_token_id": None,
+    "pad_token_id": None,
+}
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -32,21 +48,38 @@ def generate(
     media_num_frames: torch.Tensor | None = None,
     vision_features: torch.Tensor | None = None,
     *,
-    max_new_tokens: int = 64,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float | None = None,
-    num_return_sequences: int = 1,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
+    generation_config=None,
+    stop_strings: str | Sequence[str] | None = None,
+    tokenizer=None,
+    use_cache: bool = True,
     generator: torch.Generator | None = None,
     return_logits: bool = False,
+    **options,
 ) -> torch.LongTensor | tuple[torch.LongTensor, torch.Tensor]:
     """Return (B * num_return_sequences, L + new) token ids: each prompt (as given, with its
     placeholders) followed by its generated tokens, padded with `pad_token_id` after EOS.
-    With `return_logits`, also the raw float32 logits of every step (rows, new, vocab)."""
+    With `return_logits`, also the raw float32 logits of every step (rows, new, vocab).
+
+    Takes the arguments transformers' `generate` callers pass (evaluation harnesses
+    among them): the decoding options of `GENERATION_DEFAULTS` as keywords or in a
+    `generation_config` (a transformers `GenerationConfig`; its `max_length` is ignored,
+    `max_new_tokens` counts), `stop_strings` with the `tokenizer` to read them (a row
+    stops once its text contains one; the string stays in the output, as in
+    transformers), `use_cache` (accepted either way: decoding always uses the KV and
+    cross-attention caches, which give the same tokens), and `num_beams=1` (beam search
+    is not implemented)."""
+    settings = _decoding_settings(generation_config, options)
+    max_new_tokens, do_sample = settings["max_new_tokens"], settings["do_sample"]
+    temperature, top_k, top_p = settings["temperature"], settings["top_k"], settings["top_p"]
+    repetition_penalty, num_return_sequences = settings["repetition_penalty"], settings["num_return_sequences"]
+    eos_token_id, pad_token_id = settings["eos_token_id"], settings["pad_token_id"]
+    if settings["num_beams"] != 1:
+        raise ValueError(f"beam search is not implemented (num_beams={settings['num_beams']}); decode greedily or sample with num_beams=1")
+    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+    if stops and tokenizer is None:
+        raise ValueError("stop_strings needs the tokenizer to read the generated text: pass tokenizer=processor.tokenizer")
+    if any(not stop for stop in stops):
+        raise ValueError("stop_strings must be non-empty strings")
     text_config = model.config.text_config
     eos = eos_token_id if eos_token_id is not None else text_config.eos_token_id
     eos_ids = torch.as_tensor([] if eos is None else eos, device=input_ids.device, dtype=torch.long).reshape(-1)
@@ -97,6 +130,8 @@ def generate(
         next_token = torch.where(finished, pad_token_id, next_token)
         generated = torch.cat([generated, next_token[:, None]], dim=1)
         finished |= torch.isin(next_token, eos_ids)
+        if stops:
+            finished |= _hit_stop_string(generated, finished, stops, tokenizer)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
@@ -111,6 +146,33 @@ def generate(
 
     sequences = torch.cat([prompts, generated], dim=1)
     return (sequences, torch.stack(step_logits, dim=1)) if return_logits else sequences
+
+
+def _decoding_settings(generation_config, options: dict) -> dict:
+    unknown = sorted(set(options) - set(GENERATION_DEFAULTS))
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword argument(s) {', '.join(unknown)}; "
+                        f"decoding options are {', '.join(GENERATION_DEFAULTS)}")
+    settings = dict(GENERATION_DEFAULTS)
+    if generation_config is not None:
+        for name in GENERATION_DEFAULTS:
+            value = getattr(generation_config, name, None)
+            if value is not None:
+                settings[name] = value
+    settings.update(options)
+    return settings
+
+
+def _hit_stop_string(generated: torch.Tensor, finished: torch.Tensor, stops: list[str], tokenizer) -> torch.Tensor:
+    """Rows whose generated text now contains a stop string. Only the last tokens are
+    decoded: a string of c characters lies within the last c tokens (every token has at
+    least one character)."""
+    window = max(len(stop) for stop in stops) + 1
+    hits = torch.zeros_like(finished)
+    for row in (~finished).nonzero().flatten().tolist():
+        text = tokenizer.decode(generated[row, -window:].tolist(), skip_special_tokens=False)
+        hits[row] = any(stop in text for stop in stops)
+    return hits
 
 
 def _logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty) -> LogitsProcessorList:
