@@ -142,6 +142,58 @@ def ask(
         _fail(err)
 
 
+@app.command("eval")
+def eval_benchmark(
+    benchmark: str = typer.Argument(..., help="mvbench, perceptiontest, longvideobench, mlvu, videomme, videomme-sub "
+                                              "or synthetic."),
+    data_root: Path = typer.Option(None, help="The benchmark's local folder (layouts: docs/evaluation.md)."),
+    model: Path = typer.Option(None, help="A CrossLMM checkpoint directory; default: the bundled synthetic-world model."),
+    frames: int = typer.Option(None, help="Frames per video (default: the processor's saved setting)."),
+    limit: int = typer.Option(0, help="Only the first N questions (MVBench: of each task); 0: all."),
+    out: Path = typer.Option(None, help="Results JSON (default: results/BENCHMARK.json); a .md table and the "
+                                        ".predictions.jsonl go beside it."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run: skip the questions already in its predictions."),
+    predictions: Path = typer.Option(None, help="Score this predictions file again, without a model."),
+    scoring: str = typer.Option("lmms-eval", help="lmms-eval (its v0.3.3 behaviour, quirks included: comparable "
+                                                  "with published numbers) or strict (quirks fixed)."),
+    batch_size: int = typer.Option(8, help="Questions per forward pass."),
+    annotations: Path = typer.Option(None, help="The annotation file, if not where docs/evaluation.md says."),
+    seed: int = typer.Option(0, help="Seed of LongVideoBench's random fallback letter (per question)."),
+    device: str = typer.Option(None, help="cpu or cuda[:N] (default: cuda:LOCAL_RANK if there is a GPU)."),
+) -> None:
+    """Score a checkpoint on a video benchmark the way lmms-eval v0.3.3 did. Runs under
+    `torchrun --nproc-per-node N -m crosslmm eval ...` (or accelerate launch) data-parallel."""
+    from transformers.utils import logging as hf_logging
+
+    from crosslmm.eval import BENCHMARKS, SCORINGS, evaluate_benchmark, score_predictions
+    from crosslmm.eval.report import markdown
+    from crosslmm.eval.runner import PredictionsExistError
+    from crosslmm.infer import default_model_dir
+
+    hf_logging.disable_progress_bar()
+    try:
+        if benchmark not in BENCHMARKS:
+            raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+        if scoring not in SCORINGS:
+            raise ValueError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        if predictions is not None:
+            result = score_predictions(benchmark, predictions, out, scoring=scoring, seed=seed)
+        else:
+            if data_root is None:
+                raise ValueError("--data-root is required (or --predictions FILE to score a finished run)")
+            result = evaluate_benchmark(benchmark, data_root, model or default_model_dir(), out or Path("results") / f"{benchmark}.json",
+                                        frames=frames, limit=limit, resume=resume, batch_size=batch_size, scoring=scoring,
+                                        seed=seed, device=device, annotations=annotations)
+    except (FileNotFoundError, PredictionsExistError, ValueError, ImportError) as err:
+        _fail(err)
+    if result is not None:
+        typer.echo(markdown(result))
+        if predictions is None:
+            typer.echo(f"wrote {out or Path('results') / f'{benchmark}.json'} (+ .md) and {result['predictions']}")
+
+
 @app.command()
 def synth(
     out: Path = typer.Argument(..., help="Output folder: videos/, train.json, test.json, meta.json."),
