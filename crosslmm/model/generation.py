@@ -12,6 +12,8 @@ mean what they mean everywhere else.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.generation.logits_process import (
@@ -21,6 +23,21 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+
+@dataclass
+class GenerateOutput:
+    """`generate(..., return_dict_in_generate=True)`: the sequences and the state to go on
+    from. `cache` and `cross_attention_cache` hold every position of `attention_mask`
+    (the prompt and all generated tokens but the last, which was never fed back): pass
+    them to `generate` again with the next tokens to continue a conversation without
+    recomputing it."""
+
+    sequences: torch.LongTensor  # (rows, L + new)
+    cache: Any
+    cross_attention_cache: Any
+    attention_mask: torch.Tensor  # (rows, positions in the caches)
+    logits: torch.Tensor | None = None  # (rows, new, vocab) with return_logits
 
 
 # Decoding options and their defaults; a `generation_config` may set any of them, an
@@ -54,8 +71,12 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     return_logits: bool = False,
+    streamer=None,
+    cache=None,
+    cross_attention_cache=None,
+    return_dict_in_generate: bool = False,
     **options,
-) -> torch.LongTensor | tuple[torch.LongTensor, torch.Tensor]:
+) -> torch.LongTensor | tuple[torch.LongTensor, torch.Tensor] | GenerateOutput:
     """Return (B * num_return_sequences, L + new) token ids: each prompt (as given, with its
     placeholders) followed by its generated tokens, padded with `pad_token_id` after EOS.
     With `return_logits`, also the raw float32 logits of every step (rows, new, vocab).
@@ -67,7 +88,13 @@ def generate(
     stops once its text contains one; the string stays in the output, as in
     transformers), `use_cache` (accepted either way: decoding always uses the KV and
     cross-attention caches, which give the same tokens), and `num_beams=1` (beam search
-    is not implemented)."""
+    is not implemented).
+
+    `streamer` (transformers' protocol: `put(ids)` with the prompt, then each step's new
+    tokens (rows,), then `end()`) sees tokens as they are chosen. `cache` and
+    `cross_attention_cache` from an earlier `return_dict_in_generate=True` call continue
+    it: `input_ids` are then only the new tokens and `attention_mask`, if given, covers
+    the cached positions and the new ones."""
     settings = _decoding_settings(generation_config, options)
     max_new_tokens, do_sample = settings["max_new_tokens"], settings["do_sample"]
     temperature, top_k, top_p = settings["temperature"], settings["top_k"], settings["top_p"]
@@ -91,20 +118,31 @@ def generate(
         raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
     if num_return_sequences > 1 and not do_sample:
         raise ValueError("num_return_sequences > 1 with greedy decoding would return identical copies; set do_sample=True")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-
-    # Left padding after media expansion: every row's last position is its newest token.
-    out = model(
-        input_ids,
-        attention_mask=attention_mask,
-        pixel_values=pixel_values,
-        media_num_frames=media_num_frames,
-        vision_features=vision_features,
-        use_cache=True,
-        logits_to_keep=1,
-        padding_side="left",
-    )
+    if cache is not None and num_return_sequences > 1:
+        raise ValueError("num_return_sequences > 1 cannot continue a cache (it holds one sequence per row)")
+    if cache is not None and cache.get_seq_length() > 0:
+        # Continue a conversation: only the new tokens run, against both caches.
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape[0], cache.get_seq_length() + input_ids.shape[1],
+                                        dtype=torch.long, device=input_ids.device)
+        out = model(input_ids, attention_mask=attention_mask, cache=cache, cross_attention_cache=cross_attention_cache,
+                    use_cache=True, logits_to_keep=1)
+    else:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        # Left padding after media expansion: every row's last position is its newest token.
+        out = model(
+            input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            media_num_frames=media_num_frames,
+            vision_features=vision_features,
+            use_cache=True,
+            logits_to_keep=1,
+            padding_side="left",
+        )
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
     past, cross_cache, mask = out.cache, out.cross_attention_cache, out.attention_mask
     logits = out.logits[:, -1].float()
     if num_return_sequences > 1:
@@ -129,6 +167,8 @@ def generate(
             next_token = scores.argmax(dim=-1)
         next_token = torch.where(finished, pad_token_id, next_token)
         generated = torch.cat([generated, next_token[:, None]], dim=1)
+        if streamer is not None:
+            streamer.put(next_token.cpu())
         finished |= torch.isin(next_token, eos_ids)
         if stops:
             finished |= _hit_stop_string(generated, finished, stops, tokenizer)
@@ -144,8 +184,13 @@ def generate(
         )
         logits = out.logits[:, -1].float()
 
+    if streamer is not None:
+        streamer.end()
     sequences = torch.cat([prompts, generated], dim=1)
-    return (sequences, torch.stack(step_logits, dim=1)) if return_logits else sequences
+    all_logits = torch.stack(step_logits, dim=1) if return_logits else None
+    if return_dict_in_generate:
+        return GenerateOutput(sequences, past, cross_cache, mask, all_logits)
+    return (sequences, all_logits) if return_logits else sequences
 
 
 def _decoding_settings(generation_config, options: dict) -> dict:
