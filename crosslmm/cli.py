@@ -125,20 +125,118 @@ def ask(
     temperature: float = typer.Option(1.0, help="Sampling temperature."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
-    """Ask a question about a video or an image."""
+    """Ask a question about a video or an image; the answer streams as it is generated."""
     from transformers.utils import logging as hf_logging
 
     from crosslmm.data.video import VideoDecodeError
-    from crosslmm.infer import answer, default_model_dir, load
+    from crosslmm.infer import default_model_dir, load
+    from crosslmm.serve.chat import VideoChat
 
     hf_logging.disable_progress_bar()  # stdout is the answer, nothing else
 
     try:
         options = {"num_frames": num_frames} if num_frames else {}
         crosslmm_model, processor = load(model or default_model_dir(), device, **options)
-        typer.echo(answer(crosslmm_model, processor, question, [media], max_new_tokens=max_new_tokens,
-                          do_sample=sample, temperature=temperature))
+        chat = VideoChat(crosslmm_model, processor, [media])
+        generation = {"max_new_tokens": max_new_tokens, "do_sample": sample}
+        if sample:
+            generation["temperature"] = temperature
+        started = False
+        for piece in chat.ask(question, **generation):
+            if not started:
+                piece, started = piece.lstrip(), True
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
     except (FileNotFoundError, VideoDecodeError, ValueError) as err:
+        _fail(err)
+
+
+@app.command()
+def chat(
+    media: Path = typer.Argument(..., help="A video or image file to talk about."),
+    model: Path = typer.Option(None, help="A CrossLMM checkpoint directory; default: the bundled synthetic-world model."),
+    frames: int = typer.Option(0, help="Frames to sample (0: the processor's saved setting)."),
+    max_new_tokens: int = typer.Option(256, help="Longest answer in tokens."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    timing: bool = typer.Option(False, help="After each answer, print its time to first token and how many prompt "
+                                            "tokens came from the caches (to stderr)."),
+) -> None:
+    """A multi-turn chat about one video in the terminal. The video is decoded and
+    encoded once; each turn reuses the conversation's KV and cross-attention caches.
+    An empty line or end of input ends it."""
+    from transformers.utils import logging as hf_logging
+
+    from crosslmm.data.video import VideoDecodeError
+    from crosslmm.infer import default_model_dir, load
+    from crosslmm.serve.chat import VideoChat
+
+    hf_logging.disable_progress_bar()
+    try:
+        options = {"num_frames": frames} if frames else {}
+        crosslmm_model, processor = load(model or default_model_dir(), device, **options)
+        conversation = VideoChat(crosslmm_model, processor, [media])
+    except (FileNotFoundError, VideoDecodeError, ValueError) as err:
+        _fail(err)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line.strip():
+            break
+        if interactive:
+            sys.stdout.write("model> ")
+        try:
+            started = False
+            for piece in conversation.ask(line.rstrip("\n"), max_new_tokens=max_new_tokens):
+                if not started:
+                    piece, started = piece.lstrip(), True
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except ValueError as err:  # e.g. the conversation no longer fits the context
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            break
+        sys.stdout.write("\n")
+        if timing and conversation.last_turn is not None:
+            turn = conversation.last_turn
+            typer.echo(f"[time to first token {turn.time_to_first_token_s * 1000:.1f} ms, {turn.reused_tokens} of "
+                       f"{turn.prompt_tokens} prompt tokens from the caches]", err=True)
+
+
+@app.command()
+def serve(
+    model: Path = typer.Option(None, help="A CrossLMM checkpoint directory; default: the bundled synthetic-world model."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default; 0.0.0.0 exposes it)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    media_root: Path = typer.Option(None, help="Local media files are read only under this folder (none without it)."),
+    allow_host: list[str] = typer.Option([], help="An http(s) host media may be fetched from (repeatable; none by default)."),
+    frames: int = typer.Option(0, help="Frames per video, the ceiling a request may lower (0: the processor's setting)."),
+    served_model_name: str = typer.Option(None, help="The model id of /v1/models (default: the checkpoint folder's name)."),
+    max_batch: int = typer.Option(8, help="Requests decoded together."),
+    max_queue: int = typer.Option(32, help="Requests waiting; more are answered 503."),
+    max_body_mb: float = typer.Option(64, help="Largest request body (MiB)."),
+    max_media_mb: float = typer.Option(256, help="Largest media file (MiB)."),
+    max_video_seconds: float = typer.Option(3 * 3600, help="Longest video (seconds)."),
+    max_tokens: int = typer.Option(1024, help="Ceiling of a request's max_tokens."),
+    timeout: float = typer.Option(300, help="Per-request timeout (seconds)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """An OpenAI-compatible chat completions server for video questions (docs/serving.md)."""
+    from crosslmm.infer import default_model_dir
+    from crosslmm.serve.media import MediaLimits
+    from crosslmm.serve.server import ServeSettings, serve as run_server
+
+    model_dir = model or default_model_dir()
+    settings = ServeSettings(model_name=served_model_name or model_dir.name, max_body_bytes=int(max_body_mb * 2**20),
+                             max_tokens=max_tokens, request_timeout_s=timeout)
+    limits = MediaLimits(max_bytes=int(max_media_mb * 2**20), max_seconds=max_video_seconds)
+    try:
+        run_server(model_dir, host=host, port=port, media_root=media_root, allowed_hosts=tuple(allow_host),
+                   frames=frames or None, device=device, max_batch=max_batch, max_queue=max_queue, settings=settings,
+                   limits=limits)
+    except (FileNotFoundError, ValueError) as err:
         _fail(err)
 
 
@@ -418,3 +516,66 @@ def bench_gqa_layout(
 
 if __name__ == "__main__":
     app()
+
+
+@bench_app.command("serve")
+def bench_serve(
+    video: list[Path] = typer.Option(..., help="A video to ask about (repeatable; requests cycle through them)."),
+    model: Path = typer.Option(None, help="Start a loopback server for this checkpoint (default: the bundled model)."),
+    url: str = typer.Option(None, help="Or load a running server at this loopback URL (its media root must hold the videos)."),
+    clients: str = typer.Option("1,4,8", help="Comma-separated numbers of concurrent clients."),
+    requests: int = typer.Option(32, help="At most this many requests per client count."),
+    seconds: float = typer.Option(60, help="At most this long per client count."),
+    max_tokens: int = typer.Option(16, help="max_tokens of every request."),
+    question: str = typer.Option("What happens in the video? Answer the question using a single word.", help="The question."),
+    inline: bool = typer.Option(False, help="Send the videos as base64 data: URLs instead of paths."),
+    max_batch: int = typer.Option(8, help="The started server's batch size."),
+    out: Path = typer.Option(None, help="Also write the rows as JSON here."),
+) -> None:
+    """Load test of `crosslmm serve` with streaming clients (loopback only): requests/s and
+    percentiles of time to first token and total latency."""
+    import json
+
+    from crosslmm.bench.serving import load_test
+    from crosslmm.infer import default_model_dir
+
+    try:
+        rows = load_test(model_dir=None if url else (model or default_model_dir()), url=url, videos=video,
+                         question=question, clients=_int_list(clients), max_requests=requests, max_seconds=seconds,
+                         max_tokens=max_tokens, inline=inline, max_batch=max_batch)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo("| clients | requests | errors | requests/s | TTFT p50 / p90 / p99 ms | total p50 / p90 / p99 ms |")
+    typer.echo("|---|---|---|---|---|---|")
+    for row in rows:
+        t, w = row["ttft_ms"], row["total_ms"]
+        typer.echo(f"| {row['clients']} | {row['requests']} | {row['errors']} | {row['requests_per_s']:.2f} | "
+                   f"{t['p50']:.0f} / {t['p90']:.0f} / {t['p99']:.0f} | {w['p50']:.0f} / {w['p90']:.0f} / {w['p99']:.0f} |")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"command": shlex.join(["crosslmm", *sys.argv[1:]]), "rows": rows}, indent=2) + "\n")
+
+
+@bench_app.command("chat")
+def bench_chat(
+    video: Path = typer.Argument(..., help="The video of the conversation."),
+    model: Path = typer.Option(None, help="A CrossLMM checkpoint directory (default: the bundled model)."),
+    frames: int = typer.Option(0, help="Frames to sample (0: the processor's setting)."),
+    turns: int = typer.Option(3, help="Questions in the conversation."),
+    repeats: int = typer.Option(3, help="Conversations timed (medians reported)."),
+) -> None:
+    """Time to first token per turn of `crosslmm chat` (caches reused) against the same
+    turn as a fresh request."""
+    from crosslmm.bench.serving import chat_turns
+    from crosslmm.infer import default_model_dir
+
+    questions = ["What happens in the video?", "What colour is the first object?", "Which direction does it move?",
+                 "How many objects are there?", "What is in the last frame?"]
+    questions = [questions[i % len(questions)] for i in range(turns)]
+    result = chat_turns(model or default_model_dir(), video, questions, frames=frames or None, repeats=repeats)
+    typer.echo(f"{result['frames']} frames, {result['tokens_per_frame']} tokens per frame")
+    typer.echo("| turn | prompt tokens | from the caches | TTFT ms (chat) | TTFT ms (fresh request) |")
+    typer.echo("|---|---|---|---|---|")
+    for row in result["turns"]:
+        typer.echo(f"| {row['turn']} | {row['prompt_tokens']} | {row['reused_tokens']} | {row['ttft_ms']:.1f} | "
+                   f"{row['fresh_ttft_ms']:.1f} |")
