@@ -530,6 +530,7 @@ def bench_serve(
     question: str = typer.Option("What happens in the video? Answer the question using a single word.", help="The question."),
     inline: bool = typer.Option(False, help="Send the videos as base64 data: URLs instead of paths."),
     max_batch: int = typer.Option(8, help="The started server's batch size."),
+    frames: int = typer.Option(0, help="The started server's frames per video (0: the processor's setting)."),
     out: Path = typer.Option(None, help="Also write the rows as JSON here."),
 ) -> None:
     """Load test of `crosslmm serve` with streaming clients (loopback only): requests/s and
@@ -542,9 +543,15 @@ def bench_serve(
     try:
         rows = load_test(model_dir=None if url else (model or default_model_dir()), url=url, videos=video,
                          question=question, clients=_int_list(clients), max_requests=requests, max_seconds=seconds,
-                         max_tokens=max_tokens, inline=inline, max_batch=max_batch)
+                         max_tokens=max_tokens, inline=inline, max_batch=max_batch, frames=frames or None)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
+    if rows and rows[0]["video_cache"]:
+        typer.echo("| video | first question ms | second question ms (encoded-video cache hit) |")
+        typer.echo("|---|---|---|")
+        for row in rows[0]["video_cache"]:
+            typer.echo(f"| {row['video']} | {row['first_ms']:.0f} | {row['cache_hit_ms']:.0f} |")
+        typer.echo("")
     typer.echo("| clients | requests | errors | requests/s | TTFT p50 / p90 / p99 ms | total p50 / p90 / p99 ms |")
     typer.echo("|---|---|---|---|---|---|")
     for row in rows:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,6 +67,24 @@ EXTRACTION_CASES = [
 @pytest.mark.parametrize("benchmark, text, expected", EXTRACTION_CASES)
 def test_extract_answer_matches_lmms_eval_v033(benchmark, text, expected):
     assert extract_answer(benchmark, text) == expected
+
+
+# Outputs real models give, per benchmark, with what lmms-eval v0.3.3 extracts from them
+# (derived by hand from its scorers, ../shared/docs/benchmarks.md).
+REAL_OUTPUTS = ["The best answer is B.", "(C) a man opens the door", "B. a man", "Answer: C", "c",
+                "The video shows a person walking slowly through a park on a sunny afternoon near trees"]
+LMMS_EVAL_LETTERS = {
+    "mvbench": ["B", "C", "B", "C", "C", "A"],  # lower case counts; the article "a" is an answer
+    "perceptiontest": ["B", "C", "B", "C", None, None],  # standalone capitals only
+    "longvideobench": ["B", "C", "B", "A", None, None],  # "Answer: C" -> A; None -> the scorer's random letter
+    "mlvu": [None, "C", None, None, None, None],  # only "X)" or a bare letter
+    "videomme": ["B", "C", "B", "A", None, None],
+}
+
+
+@pytest.mark.parametrize("benchmark", list(LMMS_EVAL_LETTERS))
+def test_real_model_outputs_are_read_as_lmms_eval_read_them(benchmark):
+    assert [extract_answer(benchmark, text) for text in REAL_OUTPUTS] == LMMS_EVAL_LETTERS[benchmark]
 
 
 @pytest.mark.parametrize("benchmark, text, expected", [
@@ -239,6 +258,35 @@ def test_an_interrupted_run_resumes_without_asking_again(roots, tmp_path):
     assert rows[0]["output"] == "A"
     assert rows[1:] == [json.loads(line) for line in lines[1:]]
     assert resumed["questions"] == full["questions"]
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_gives_the_same_results(tmp_path):
+    import signal
+
+    data = tmp_path / "world"
+    subprocess.run([sys.executable, "-m", "crosslmm", "synth", str(data), "--n", "60", "--seed", "9",
+                    "--questions-per-video", "6"], check=True, capture_output=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "crosslmm", "eval", "synthetic", "--data-root", str(data), "--batch-size", "1"]
+    whole = tmp_path / "whole.json"
+    subprocess.run(command + ["--out", str(whole)], check=True, capture_output=True, env=env)
+    killed = tmp_path / "killed.json"
+    process = subprocess.Popen(command + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    predictions = predictions_path(killed)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not predictions.exists() or predictions.read_text().count("\n") < 5):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    answered = predictions.read_text().count("\n")
+    assert 5 <= answered < len(json.loads((data / "test.json").read_text())), "the run was not killed midway"
+    subprocess.run(command + ["--out", str(killed), "--resume"], check=True, capture_output=True, env=env)
+    first, second = json.loads(whole.read_text()), json.loads(killed.read_text())
+    for result in (first, second):
+        result.pop("predictions")
+    assert first == second
+    assert [r["id"] for r in read_predictions(predictions)] == [r["id"] for r in read_predictions(predictions_path(whole))]
 
 
 def test_limit_takes_the_first_questions_of_each_mvbench_task(roots, tmp_path):

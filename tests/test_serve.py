@@ -326,6 +326,7 @@ def test_load_test_and_chat_benchmark_run(media):
     assert [row["clients"] for row in rows] == [1, 3]
     assert all(row["errors"] == 0 and row["requests"] == 6 and row["requests_per_s"] > 0 for row in rows)
     assert rows[1]["ttft_ms"]["p50"] <= rows[1]["total_ms"]["p50"]
+    assert [row["video"] for row in rows[0]["video_cache"]] == ["clip0.mp4", "clip1.mp4"]
     with pytest.raises(ValueError, match="loopback"):
         load_test(model_dir=None, url="http://192.0.2.1:8000", videos=[media[0] / "clip0.mp4"], question=QUESTION,
                   clients=[1], max_requests=1, max_seconds=1, max_tokens=1)

@@ -100,13 +100,40 @@ async def _run_load(url: str, bodies: list[dict], clients: int, max_requests: in
     }
 
 
+def video_cache_speedup(url: str, videos: list[Path], max_tokens: int = 4) -> list[dict]:
+    """Latency of a first question about each video (decoded and encoded) and of a
+    second, different question about it (the encoded-video cache hits), greedy, not
+    streamed, one at a time."""
+    import httpx
+
+    rows = []
+    questions = ["What happens in the video?", "How many objects are there?"]
+    with httpx.Client(base_url=url, timeout=600.0) as client:
+        for video in videos:
+            times = []
+            for question in questions:
+                body = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video.name}},
+                                                                   {"type": "text", "text": question}]}],
+                        "max_tokens": max_tokens, "temperature": 0}
+                started = time.perf_counter()
+                response = client.post("/v1/chat/completions", json=body)
+                response.raise_for_status()
+                times.append(time.perf_counter() - started)
+            rows.append({"video": video.name, "first_ms": 1000 * times[0], "cache_hit_ms": 1000 * times[1]})
+    return rows
+
+
 def load_test(*, model_dir: str | Path | None, url: str | None, videos: list[Path], question: str, clients: list[int],
-              max_requests: int, max_seconds: float, max_tokens: int, inline: bool = False, max_batch: int = 8) -> list[dict]:
-    """One row per client count. With `url` the server must be on loopback; without it a
-    server for `model_dir` is started here with the videos' folder as its media root."""
+              max_requests: int, max_seconds: float, max_tokens: int, inline: bool = False, max_batch: int = 8,
+              frames: int | None = None) -> list[dict]:
+    """One row per client count (each also carries the encoded-video cache measurement,
+    `video_cache_speedup`, taken first). With `url` the server must be on loopback;
+    without it a server for `model_dir` is started here with the videos' folder as its
+    media root."""
     server = None
     if url is None:
-        url, server = start_local_server(model_dir, videos[0].parent, max_batch=max_batch, max_queue=max(clients) * 2)
+        url, server = start_local_server(model_dir, videos[0].parent, max_batch=max_batch, max_queue=max(clients) * 2,
+                                         frames=frames)
     host = urlparse(url).hostname or ""
     if not is_loopback(host):
         raise ValueError(f"the load test only talks to loopback servers, not {host!r}")
@@ -117,7 +144,11 @@ def load_test(*, model_dir: str | Path | None, url: str | None, videos: list[Pat
                                                                   {"type": "text", "text": question}]}],
                        "max_tokens": max_tokens, "temperature": 0, "stream": True})
     try:
-        return [asyncio.run(_run_load(url, bodies, n, max_requests, max_seconds)) for n in clients]
+        cache = video_cache_speedup(url, videos, max_tokens) if not inline else []
+        rows = [asyncio.run(_run_load(url, bodies, n, max_requests, max_seconds)) for n in clients]
+        for row in rows:
+            row["video_cache"] = cache
+        return rows
     finally:
         if server is not None:
             server.should_exit = True
