@@ -295,6 +295,18 @@ def test_limit_takes_the_first_questions_of_each_mvbench_task(roots, tmp_path):
     assert result["questions"] == 2 and set(result["breakdown"]["task"]) == {"action_sequence", "moving_count"}
 
 
+def test_paper_figures_are_shown_for_paper_shaped_checkpoints():
+    from crosslmm.eval.report import markdown, paper_model
+    from crosslmm.presets import preset_config
+
+    assert paper_model(preset_config("crosslmm-2b")) == "crosslmm-2b"
+    assert paper_model(preset_config("crosslmm-7b")) == "crosslmm-7b"
+    assert paper_model(preset_config("small")) is None
+    result = aggregate("videomme", [_row("0", "A", "A", {"duration": "short"})])
+    result["paper"] = {"model": "crosslmm-2b", "overall": 59.1}
+    assert "(paper, crosslmm-2b: 59.1)" in markdown(result)
+
+
 def test_clear_errors_for_a_missing_data_root_or_annotation_file(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["eval", "videomme", "--data-root", str(tmp_path / "nowhere")])

@@ -276,6 +276,15 @@ def test_limits_body_video_length_queue_and_timeout(bundled, media):
         hurried.stop()
 
 
+def test_frames_over_the_servers_ceiling_are_refused(server, bundled):
+    ceiling = bundled[1].num_frames
+    response = post(server, greedy(video_message("clip0.mp4"), frames=ceiling + 1))
+    assert response.status_code == 413 and error_of(response)["code"] == "too_many_frames"
+    fewer = post(server, greedy(video_message("clip0.mp4"), frames=2))
+    assert fewer.status_code == 200 and fewer.json()["usage"]["prompt_tokens"] < post(
+        server, greedy(video_message("clip0.mp4"))).json()["usage"]["prompt_tokens"]
+
+
 def test_allowed_remote_host(bundled, media):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(media[0]))
     web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

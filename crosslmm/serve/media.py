@@ -77,7 +77,10 @@ def _local(path: Path, limits: MediaLimits) -> MediaSource:
         raise MediaError(403, "this server reads no local files (it was started without --media-root)", "media_forbidden")
     root = limits.media_root.resolve()
     candidate = path if path.is_absolute() else root / path
-    resolved = candidate.resolve()  # follows symlinks: a link pointing out is outside
+    try:
+        resolved = candidate.resolve()  # follows symlinks: a link pointing out is outside
+    except (OSError, ValueError) as err:  # a NUL byte, a symlink loop
+        raise MediaError(400, f"not a usable path: {err}", "invalid_media_url") from None
     if not resolved.is_relative_to(root):
         raise MediaError(403, f"{path} is outside the media root", "media_forbidden")
     if not resolved.is_file():

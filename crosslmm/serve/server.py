@@ -176,7 +176,10 @@ def _options(body: dict, settings: ServeSettings, engine: Engine) -> dict:
     n = _number(body, "n", int, 1, settings.max_choices, 1)
     if n > 1 and temperature == 0:
         raise RequestError(400, "n > 1 needs temperature > 0 (greedy choices would be identical)", "invalid_request")
-    frames = _number(body, "frames", int, 1, engine.limits.max_frames, engine.limits.max_frames)
+    frames = _number(body, "frames", int, 1, 2**31, engine.limits.max_frames)
+    if frames > engine.limits.max_frames:
+        raise RequestError(413, f"frames={frames} is over this server's limit of {engine.limits.max_frames} frames "
+                                f"per video (a request may only ask for fewer)", "too_many_frames")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
