@@ -425,6 +425,7 @@ def train(
     import logging
 
     from crosslmm.train.config import load_train_config
+    from crosslmm.train.trainer import TrainingDataError
     from crosslmm.train.trainer import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -432,7 +433,10 @@ def train(
         config = load_train_config(recipe, ctx.args)
     except ValueError as err:
         _fail(err)
-    final = run_training(config, stop_after=stop_after or None)
+    try:
+        final = run_training(config, stop_after=stop_after or None)
+    except TrainingDataError as err:
+        _fail(err)
     typer.echo(f"model: {final}")
 
 

@@ -194,3 +194,39 @@ def test_feature_cache_trains_like_pixels_and_is_reused(workspace, tmp_path, mon
     _run(_args(workspace, "stage1.yaml", tmp_path / "again", max_steps=3, feature_cache=cache))
     assert sorted(cache.glob("*.safetensors")) == shards
     assert _losses(tmp_path / "again") == pytest.approx(_losses(cached), rel=1e-6)
+
+
+def test_a_bf16_checkpoint_trains_float32_master_weights(workspace, tmp_path):
+    from crosslmm.model.modeling import CrossLMMForCausalLM
+    from crosslmm.train.trainer import load_model
+
+    bf16 = tmp_path / "bf16"
+    model = CrossLMMForCausalLM.from_pretrained(workspace / "init", local_files_only=True)
+    model.to(torch.bfloat16).save_pretrained(bf16)
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
+                 "chat_template.jinja", "special_tokens_map.json"):
+        if (workspace / "init" / name).exists():
+            (bf16 / name).write_bytes((workspace / "init" / name).read_bytes())
+    config = load_train_config(ROOT / "configs" / "stage1.yaml", [f"model={bf16}", f"output_dir={tmp_path / 'o'}",
+                                                                  f"data.train={workspace / 'data' / 'train.json'}"])
+    loaded = load_model(config)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    # An update far below bf16's resolution must still reach the weights.
+    out = tmp_path / "tiny-lr"
+    _run(_args(workspace, "stage1.yaml", out, model=bf16, max_steps=2, **{"optim.learning_rate": 1e-7,
+                                                                         "optim.max_grad_norm": 0}))
+    start = CrossLMMForCausalLM.from_pretrained(bf16, local_files_only=True, dtype=torch.float32).state_dict()
+    trained = _trainable(out)
+    changed = [k for k, v in trained.items() if v.dtype == torch.float32 and not torch.equal(v, start[k])]
+    assert changed, "no trainable weight moved: updates were rounded away"
+
+
+def test_a_run_whose_records_are_mostly_unreadable_stops_with_the_reasons(workspace, tmp_path):
+    records = json.loads((workspace / "data" / "train.json").read_text())
+    elsewhere = tmp_path / "records.json"
+    elsewhere.write_text(json.dumps(records))  # beside no videos: every media path is wrong
+    result = CliRunner().invoke(app, _args(workspace, "stage1.yaml", tmp_path / "out", max_steps=8,
+                                           **{"data.train": elsewhere}))
+    assert result.exit_code == 2
+    assert "training records were skipped" in result.output and "media_root" in result.output
+    assert "missing" in result.output.lower() or "no such" in result.output.lower() or "not found" in result.output.lower()

@@ -169,15 +169,19 @@ class LLaVADataset(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
+        return self.encode(index)[0]
+
+    def encode(self, index: int) -> tuple[dict[str, Any] | None, str | None]:
+        """(encoded record, None), or (None, why it was skipped)."""
         record, media_root = self.pairs[index]
         try:
             return self.processor.encode_record(
                 record, media_root, load_pixels=self.load_pixels, frame_counts=self.frame_counts
-            )
+            ), None
         except RecordError as err:
             self.skipped += 1
             logger.warning("skipping record %s", err)
-            return None
+            return None, str(err)
 
 
 def estimate_length(record: Mapping[str, Any], processor: CrossLMMProcessor) -> int:

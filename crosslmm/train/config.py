@@ -30,6 +30,7 @@ class DataConfig:
     max_length: int | None = None  # default: the LLM's context
     num_workers: int = 0
     group_by_length: bool = True
+    max_skipped_fraction: float = 0.5  # stop when more of the records seen so far were unreadable
 
 
 @dataclass

@@ -62,7 +62,16 @@ def load_model(config: TrainConfig) -> CrossLMMForCausalLM:
     if config.stage == 2 and not model_config.use_t2v and "use_t2v" not in config.model_overrides:
         log.info("stage 2: switching T2V on (new T2V blocks start closed, adding exactly zero)")
         model_config = CrossLMMConfig(**{**model_config.to_dict(), "use_t2v": True})
-    return CrossLMMForCausalLM.from_pretrained(config.model, config=model_config, local_files_only=True)
+    # Always float32 weights: they are the optimizer's masters. A bf16 checkpoint trained
+    # as bf16 would lose most AdamW updates at fine-tuning rates (1e-5 is below bf16's
+    # resolution for weights near 0.02); `mixed_precision: bf16` still computes in bf16.
+    model = CrossLMMForCausalLM.from_pretrained(config.model, config=model_config, local_files_only=True,
+                                                dtype=torch.float32)
+    stored = getattr(model_config, "dtype", None)
+    if str(stored).replace("torch.", "") in ("bfloat16", "float16"):
+        log.info("the checkpoint is stored in %s: training float32 master weights (mixed_precision=%s computes)",
+                 stored, config.mixed_precision)
+    return model
 
 
 def load_data(config: TrainConfig, processor: CrossLMMProcessor, cache: FeatureCache | None = None) -> LLaVADataset:
@@ -187,6 +196,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train")
     start_step, started = progress.step, time.perf_counter()
     tokens_seen = samples_seen = 0
+    records_requested = records_skipped = 0
+    skipped_reasons: list[str] = []  # this rank's, for the message
     while progress.step < total_steps:
         batches = global_batches(dataset, config, progress.epoch, global_batch)
         mine = [micro_batches(b, rank, world, config.per_device_batch_size, config.gradient_accumulation)
@@ -195,11 +206,17 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
                             num_workers=config.data.num_workers, collate_fn=CollateIndices(dataset, collator))
         loader_iter = iter(loader)
         for _ in mine:
-            micro = [next(loader_iter) for _ in range(config.gradient_accumulation)]
+            loaded = [next(loader_iter) for _ in range(config.gradient_accumulation)]
+            micro = [batch for batch, _, _ in loaded]
+            skipped_reasons += [reason for _, _, reasons in loaded for reason in reasons]
             if cache is not None:
                 micro = [attach_features(b, cache) for b in micro]
-            counted = torch.tensor(sum(answer_tokens(b) for b in micro), device=accelerator.device)
-            global_tokens = int(accelerator.reduce(counted, reduction="sum"))
+            counted = torch.tensor([sum(answer_tokens(b) for b in micro), sum(n for _, n, _ in loaded),
+                                    sum(len(reasons) for _, _, reasons in loaded)], device=accelerator.device)
+            global_tokens, requested, skipped = (int(x) for x in accelerator.reduce(counted, reduction="sum"))
+            records_requested, records_skipped = records_requested + requested, records_skipped + skipped
+            check_skipped(records_requested, records_skipped, skipped_reasons, config.data.max_skipped_fraction,
+                          global_batch)
             loss_sum = torch.zeros((), device=accelerator.device)
             for j, batch in enumerate(micro):
                 last = j == len(micro) - 1
@@ -282,8 +299,29 @@ class CollateIndices:
     def __init__(self, dataset: LLaVADataset, collator: DataCollator) -> None:
         self.dataset, self.collator = dataset, collator
 
-    def __call__(self, indices: list[int]) -> dict | None:
-        return self.collator([self.dataset[i] for i in indices])
+    def __call__(self, indices: list[int]) -> tuple[dict | None, int, list[str]]:
+        """(batch, records asked for, why each skipped one was skipped)."""
+        encoded = [self.dataset.encode(i) for i in indices]
+        return self.collator([example for example, _ in encoded]), len(indices), [why for _, why in encoded if why]
+
+
+class TrainingDataError(ValueError):
+    """The data cannot train this run (e.g. almost every record is unreadable)."""
+
+
+def check_skipped(requested: int, skipped: int, reasons: list[str], max_fraction: float, global_batch: int) -> None:
+    """Stop a run whose records are mostly skipped (a wrong media root, a chat template
+    that drops the placeholder) instead of letting it train on nothing at loss 0.
+    Decided on counts summed over ranks, so every rank stops together."""
+    if requested < max(global_batch, 16) or skipped <= max_fraction * requested:
+        return
+    first = "; ".join(list(dict.fromkeys(reasons))[:3])
+    raise TrainingDataError(
+        f"{skipped} of the first {requested} training records were skipped (more than {max_fraction:.0%}, "
+        f"data.max_skipped_fraction): the run would train on almost nothing. First reasons: {first or 'unknown'}. "
+        f"Check data.media_root (default: the record file's folder) and that the chat template keeps the "
+        f"<image>/<video> placeholders."
+    )
 
 
 def forward_backward(
@@ -294,14 +332,18 @@ def forward_backward(
     A rank whose micro-batch is empty (every record skipped) runs a real forward and
     backward on a one-token batch without labels (loss exactly 0), so DDP's gradient
     synchronisation happens on every rank and nothing hangs or is trained on."""
-    if batch is None:
+    empty = batch is None
+    if empty:
         batch = {"input_ids": torch.tensor([[pad_token_id]]), "attention_mask": torch.ones(1, 1, dtype=torch.long),
                  "labels": torch.tensor([[-100]])}
     inputs = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()
               if k in ("input_ids", "attention_mask", "labels", "pixel_values", "media_num_frames", "vision_features")}
     num_items = max(global_tokens, 1) / world
     out = model(**inputs, num_items_in_batch=torch.tensor(num_items, device=accelerator.device))
-    accelerator.backward(out.loss)
+    loss = out.loss
+    if empty:  # a text-only token may not reach the trained parts (stage 1): give every one a zero gradient
+        loss = loss + sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+    accelerator.backward(loss)
     return out.loss.detach() * num_items
 
 
