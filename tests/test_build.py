@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from crosslmm import CrossLMMForCausalLM
 from crosslmm.cli import app
 
 pytestmark = pytest.mark.lowest_bound  # also run on the lowest supported transformers (.ci/run)
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _cli(*args: str):
@@ -196,3 +198,79 @@ def test_ask_answers_about_a_video_and_fails_clearly_on_a_missing_one(tmp_path):
     assert processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() == expected
     missing = _cli("ask", tmp_path / "nope.mp4", "what?", "--model", tmp_path / "m")
     assert missing.exit_code == 2 and "nope.mp4" in missing.output
+
+
+# A ChatML template for typed content, the way LLaVA-OneVision's is written: it reads
+# only {"type": "text"} parts, so a plain-string message would render as nothing.
+TYPED_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _llava_ov_with_processor(directory):
+    """A tiny LLaVA-OneVision checkpoint as transformers 5 saves one with its processor:
+    tokenizer with <image>/<video> and a typed-content chat template, and the unified
+    processor_config.json (image processor inside)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipImageProcessorPil
+
+    from checkpoint_factory import CORPUS
+    from conftest import VISION
+    from crosslmm.checkpoints.scratch import train_tokenizer
+
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300, media_token=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    tokenizer.chat_template = TYPED_CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    from transformers import Qwen2Config
+
+    from conftest import _TEXT
+
+    # K = 4 (the paper's) needs more than 4 layers.
+    text = Qwen2Config(**{**_TEXT, "vocab_size": len(tokenizer), "num_hidden_layers": 8})
+    config = LlavaOnevisionConfig(vision_config=VISION["siglip"](), text_config=text,
+                                  image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                                  video_token_id=tokenizer.convert_tokens_to_ids("<video>"))
+    torch.manual_seed(0)
+    LlavaOnevisionForConditionalGeneration(config).save_pretrained(directory)
+    image_processor = SiglipImageProcessorPil(size={"height": 28, "width": 28}).to_dict()
+    (directory / "processor_config.json").write_text(json.dumps({
+        "image_processor": image_processor, "processor_class": "LlavaOnevisionProcessor", "image_token": "<image>",
+        "video_token": "<video>", "num_image_tokens": 49, "vision_feature_select_strategy": "full"}))
+    return tokenizer
+
+
+def test_llava_onevision_route_imports_trains_and_answers(tmp_path):
+    from benchmark_fixtures import write_video
+    from crosslmm.data.processor import CrossLMMProcessor
+
+    _llava_ov_with_processor(tmp_path / "ov")
+    result = _cli("import-llava-ov", tmp_path / "ov", tmp_path / "init", "--layout", "crosslmm", "--tokens-per-frame", "4")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "init" / "processor_config.json").read_text())
+    assert "image_processor" not in saved and "processor_class" not in saved  # ours, not transformers'
+    processor = CrossLMMProcessor.from_pretrained(tmp_path / "init")
+    assert [float(x) for x in processor.frame_processor.image_mean] == [0.5, 0.5, 0.5]  # SigLIP's, from the checkpoint
+    # The typed-content template still renders our plain-string messages, question included.
+    inputs = processor([{"role": "user", "content": "how many circles appear in the video?"}])
+    assert "how many circles appear" in processor.tokenizer.decode(inputs["input_ids"][0])
+
+    (tmp_path / "data" / "videos").mkdir(parents=True)
+    records = []
+    for i in range(4):
+        write_video(tmp_path / "data" / "videos" / f"{i}.mp4", num_frames=4, size=32, seed=i)
+        records.append({"id": f"r{i}", "video": f"videos/{i}.mp4", "conversations": [
+            {"from": "human", "value": "<video>\nwhat colour is the object?"}, {"from": "gpt", "value": "red"}]})
+    (tmp_path / "data" / "train.json").write_text(json.dumps(records))
+    trained = tmp_path / "stage1"
+    result = _cli("train", str(REPO_CONFIGS / "stage1.yaml"), f"model={tmp_path / 'init'}", f"output_dir={trained}",
+                  f"data.train={tmp_path / 'data' / 'train.json'}", "data.num_frames=2", "data.max_frames=2",
+                  "per_device_batch_size=2", "gradient_accumulation=1", "max_steps=2", "mixed_precision=no",
+                  "save_every=0", "gradient_checkpointing=false")
+    assert result.exit_code == 0, result.output
+    losses = [json.loads(line)["loss"] for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert losses and all(loss > 0 for loss in losses)  # answers were labelled: the template kept them
+    result = _cli("ask", str(tmp_path / "data" / "videos" / "0.mp4"), "what colour is the object?", "--model",
+                  str(trained / "model"), "--max-new-tokens", "3")
+    assert result.exit_code == 0, result.output

@@ -12,6 +12,7 @@ reproduced; CrossLMM treats an image as a 1-frame video.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -30,8 +31,10 @@ KEY_PREFIXES = (
     ("model.image_newline", "media_newline"),
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
-                   "video_preprocessor_config.json", "processor_config.json")
+                   "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja")
+# transformers' own processor files are not copied: their `processor_config.json` is a
+# different file from ours (same name), and the frame processing they describe is
+# rewritten below as our preprocessor_config.json.
 
 
 def crosslmm_config_from_llava_ov(source_config) -> CrossLMMConfig:
@@ -91,4 +94,27 @@ def import_llava_onevision(
     for name in TOKENIZER_FILES:
         if (Path(source_dir) / name).is_file():
             shutil.copyfile(Path(source_dir) / name, out_dir / name)
+    image_processor = _image_processor_dict(Path(source_dir))
+    if image_processor is not None:
+        (out_dir / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2) + "\n")
+    if (out_dir / "tokenizer_config.json").is_file() or (out_dir / "tokenizer.json").is_file():
+        from crosslmm.data.processor import CrossLMMProcessor
+
+        # Our processor_config.json; loading also checks the tokenizer keeps the media token.
+        CrossLMMProcessor.from_pretrained(out_dir, config=model.config).save_pretrained(out_dir)
     return out_dir
+
+
+def _image_processor_dict(source_dir: Path) -> dict | None:
+    """The checkpoint's image processor settings: its preprocessor_config.json (older
+    saves), or the `image_processor` entry of the unified processor_config.json that
+    transformers 5 writes."""
+    legacy = source_dir / "preprocessor_config.json"
+    if legacy.is_file():
+        return json.loads(legacy.read_text())
+    unified = source_dir / "processor_config.json"
+    if unified.is_file():
+        entry = json.loads(unified.read_text()).get("image_processor")
+        if isinstance(entry, dict):
+            return entry
+    return None

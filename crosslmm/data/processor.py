@@ -239,7 +239,7 @@ class CrossLMMProcessor:
                 f"the messages hold {placeholders} media placeholder(s) (<image>, <video> or <media>) but "
                 f"{num_media} media item(s) were given; each media item needs exactly one placeholder"
             )
-        text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = render_chat(self.tokenizer, chat, add_generation_prompt)
         ids = self._tokenize(text)
         self._check_placeholder_tokens(ids, num_media)
         return ids
@@ -370,6 +370,44 @@ class CrossLMMProcessor:
 # --------------------------------------------------------------------------- chat rendering
 
 
+_PROBE = "crosslmm-template-probe"
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, chat: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """The chat template's text for messages with string content (placeholders in the
+    text). Templates written for typed content (LLaVA-OneVision's iterate over
+    `{"type": "text"}` parts and silently drop a plain string) get each message as one
+    text part instead, so no question ever disappears from a prompt."""
+    if _template_wants_typed_content(tokenizer):
+        chat = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in chat]
+    return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+_TYPED_CONTENT: dict[str, bool] = {}  # chat template text -> wants typed content
+
+
+def _template_wants_typed_content(tokenizer: PreTrainedTokenizerBase) -> bool:
+    template = tokenizer.chat_template
+    if not isinstance(template, str):
+        return False  # no template (apply_chat_template says so) or a dict of named ones: used as given
+    if template not in _TYPED_CONTENT:
+        def renders(content) -> bool:
+            try:
+                text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+            except Exception:  # noqa: BLE001 - a template that cannot render this form
+                return False
+            return _PROBE in text
+
+        if renders(_PROBE):
+            _TYPED_CONTENT[template] = False
+        elif renders([{"type": "text", "text": _PROBE}]):
+            _TYPED_CONTENT[template] = True
+        else:
+            raise ValueError("the tokenizer's chat template renders neither string nor typed text content: "
+                             "a user message's text does not appear in its output")
+    return _TYPED_CONTENT[template]
+
+
 def _render_segments(tokenizer: PreTrainedTokenizerBase, chat: list[dict[str, str]]) -> list[_Segment]:
     """Split the rendered conversation into prompt text and assistant answers.
 
@@ -380,7 +418,7 @@ def _render_segments(tokenizer: PreTrainedTokenizerBase, chat: list[dict[str, st
 
     def render(turns: list[dict[str, str]], prompt: bool) -> str:
         try:
-            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
+            return render_chat(tokenizer, turns, prompt)
         except TemplateError as err:
             raise RecordError(f"the chat template refused the conversation: {err}") from err
 
