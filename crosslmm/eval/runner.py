@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import asdict
 from pathlib import Path
 
@@ -80,16 +80,17 @@ def run_questions(
     rank, world = distributed_rank_and_size()
     ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)[:5]
         raise ValueError(f"question ids are not unique (e.g. {duplicates}); the annotation files disagree with the loader")
+    earlier = [predictions, *sorted(predictions.parent.glob(predictions.name + ".rank*"))]
+    if not resume and any(path.exists() for path in earlier):  # every rank sees the same files and stops
+        raise PredictionsExistError(f"{predictions} exists: pass --resume to continue it, or choose another --out")
     if resume and rank == 0:
-        for path in [predictions, *predictions.parent.glob(predictions.name + ".rank*")]:
+        for path in earlier:
             _drop_cut_off_line(path)
     _barrier(world)
     done = {row["id"] for row in _all_rows(predictions, world)} if resume else set()
-    if not resume and rank == 0 and any(p.exists() for p in [predictions, *(rank_file(predictions, r) for r in range(world))]):
-        raise PredictionsExistError(f"{predictions} exists: pass --resume to continue it, or choose another --out")
-    _barrier(world)
+    _barrier(world)  # nobody appends before everyone has read what was done
     todo = [q for q in _by_video(questions) if q.id not in done]
     video_order = {video: i for i, video in enumerate(OrderedDict.fromkeys(q.video for q in todo))}
     mine = [q for q in todo if video_order[q.video] % world == rank]
