@@ -71,3 +71,28 @@ def test_open_gates_change_the_output():
         opened = crosslmm(**_inputs()).logits
     assert not torch.allclose(closed, opened, atol=1e-4)
     assert torch.isfinite(opened).all()
+
+
+def test_loss_at_label_positions_only_equals_the_full_loss(model):
+    """Training computes the LM head and the cross-entropy only where a label is
+    predicted; the loss and its gradients are those of the full computation."""
+    torch.manual_seed(3)
+    ids = torch.tensor([[11, 12, MEDIA, 13, 14, 15, 16], [11, MEDIA, 21, 22, 23, 24, 25]])
+    labels = torch.full_like(ids, -100)
+    labels[0, 5:] = ids[0, 5:]
+    labels[1, 4:] = ids[1, 4:]
+    px = frames(4)
+    nf = torch.tensor([2, 2])
+    model.zero_grad()
+    full = model(ids, pixel_values=px, media_num_frames=nf, labels=labels)
+    full.loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    kept = model(ids, pixel_values=px, media_num_frames=nf, labels=labels, logits_to_keep="labels")
+    kept.loss.backward()
+    torch.testing.assert_close(kept.loss, full.loss, rtol=1e-5, atol=1e-6)
+    assert kept.logits.shape[1] < full.logits.shape[1] // 2  # the visual positions got no LM head
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="labels"):
+        model(ids, pixel_values=px, media_num_frames=nf, logits_to_keep="labels")

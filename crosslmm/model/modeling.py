@@ -30,7 +30,7 @@ from crosslmm.model.cross_attention import GatedCrossAttention
 from crosslmm.model.dcal import CrossAttentionCache, DCALContext, install_dcal
 from crosslmm.model.pooling import pool_frames
 from crosslmm.model.projector import Projector
-from crosslmm.model.splice import build_layout, infer_padding_side
+from crosslmm.model.splice import IGNORE_INDEX, build_layout, infer_padding_side
 from crosslmm.model.vision import VisionTower
 
 
@@ -202,7 +202,7 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         cross_attention_cache: CrossAttentionCache | None = None,
         position_ids: torch.LongTensor | None = None,  # only for decode steps
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | str = 0,  # "labels": only the positions that predict a label (training)
         padding_side: str | None = None,
         **kwargs,
     ) -> CrossLMMOutput:
@@ -217,19 +217,35 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
                 input_ids, attention_mask, labels, pixel_values, media_num_frames, vision_features,
                 use_cache=bool(use_cache), padding_side=padding_side,
             )
+        at_labels = isinstance(logits_to_keep, str)
+        if at_labels and (logits_to_keep != "labels" or inputs.labels is None):
+            raise ValueError(f"logits_to_keep={logits_to_keep!r}: the only named choice is 'labels', and it needs labels")
+        if at_labels:
+            # Training: the LM head and the loss only where a label is predicted, not at the
+            # thousands of visual positions. targets[:, j] is predicted at position keep[j].
+            targets = inputs.labels[:, 1:]
+            keep = (targets != IGNORE_INDEX).any(0).nonzero().flatten()
+            num_items = kwargs.pop("num_items_in_batch", None)
         outputs = self.language_model(
             inputs_embeds=inputs.embeds,
             attention_mask=inputs.attention_mask,
             position_ids=inputs.position_ids,
             use_cache=use_cache,
-            labels=inputs.labels,
-            logits_to_keep=logits_to_keep,
+            labels=None if at_labels else inputs.labels,
+            logits_to_keep=keep if at_labels else logits_to_keep,
             dcal_context=inputs.dcal_context,
             **compat.cache_kwargs(cache),
             **kwargs,
         )
+        loss = outputs.loss
+        if at_labels:
+            kept = targets[:, keep]
+            total = torch.nn.functional.cross_entropy(outputs.logits.float().flatten(0, 1), kept.flatten(),
+                                                      ignore_index=IGNORE_INDEX, reduction="sum")
+            denominator = num_items if num_items is not None else (kept != IGNORE_INDEX).sum().clamp(min=1)
+            loss = total / denominator
         return CrossLMMOutput(
-            loss=outputs.loss,
+            loss=loss,
             logits=outputs.logits,
             cache=compat.output_cache(outputs),
             cross_attention_cache=inputs.cross_attention_cache,

@@ -339,7 +339,7 @@ def forward_backward(
     inputs = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()
               if k in ("input_ids", "attention_mask", "labels", "pixel_values", "media_num_frames", "vision_features")}
     num_items = max(global_tokens, 1) / world
-    out = model(**inputs, num_items_in_batch=torch.tensor(num_items, device=accelerator.device))
+    out = model(**inputs, num_items_in_batch=torch.tensor(num_items, device=accelerator.device), logits_to_keep="labels")
     loss = out.loss
     if empty:  # a text-only token may not reach the trained parts (stage 1): give every one a zero gradient
         loss = loss + sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
