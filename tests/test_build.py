@@ -213,7 +213,7 @@ def _llava_ov_with_processor(directory):
     """A tiny LLaVA-OneVision checkpoint as transformers 5 saves one with its processor:
     tokenizer with <image>/<video> and a typed-content chat template, and the unified
     processor_config.json (image processor inside)."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipImageProcessorPil
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     from checkpoint_factory import CORPUS
     from conftest import VISION
@@ -234,7 +234,9 @@ def _llava_ov_with_processor(directory):
                                   video_token_id=tokenizer.convert_tokens_to_ids("<video>"))
     torch.manual_seed(0)
     LlavaOnevisionForConditionalGeneration(config).save_pretrained(directory)
-    image_processor = SiglipImageProcessorPil(size={"height": 28, "width": 28}).to_dict()
+    image_processor = {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": 28, "width": 28},
+                       "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                       "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True}
     (directory / "processor_config.json").write_text(json.dumps({
         "image_processor": image_processor, "processor_class": "LlavaOnevisionProcessor", "image_token": "<image>",
         "video_token": "<video>", "num_image_tokens": 49, "vision_feature_select_strategy": "full"}))
