@@ -267,7 +267,7 @@ def test_llava_onevision_route_imports_trains_and_answers(tmp_path):
     (tmp_path / "data" / "train.json").write_text(json.dumps(records))
     trained = tmp_path / "stage1"
     result = _cli("train", str(REPO_CONFIGS / "stage1.yaml"), f"model={tmp_path / 'init'}", f"output_dir={trained}",
-                  f"data.train={tmp_path / 'data' / 'train.json'}", "data.num_frames=2", "data.max_frames=2",
+                  f"data.train={tmp_path / 'data' / 'train.json'}", "data.num_frames=2", "data.max_frames=2", "data.num_workers=0",
                   "per_device_batch_size=2", "gradient_accumulation=1", "max_steps=2", "mixed_precision=no",
                   "save_every=0", "gradient_checkpointing=false")
     assert result.exit_code == 0, result.output
