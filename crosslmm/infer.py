@@ -37,6 +37,26 @@ def load(model_dir: str | Path, device: str = "cpu", **processor_options: Any) -
 
 
 @torch.inference_mode()
+def encode_clip(model: CrossLMMForCausalLM, processor: CrossLMMProcessor, clip: Any) -> torch.Tensor:
+    """(F, N, Dv) vision features of one decoded clip: what callers that ask one video
+    many questions keep (chat, evaluation, the server) and pass as `vision_features`."""
+    device = next(model.parameters()).device
+    return model.vision_tower(processor.frame_processor(clip).to(device))
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of a batch of token lists, left-padded: every row's
+    last position is its newest token, as `generate` wants."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+@torch.inference_mode()
 def generate_answer(
     model: CrossLMMForCausalLM,
     processor: CrossLMMProcessor,

@@ -9,7 +9,6 @@ import functools
 import http.server
 import json
 import os
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from benchmark_fixtures import write_video
 from crosslmm.bench.serving import chat_turns, load_test
@@ -26,7 +24,7 @@ from crosslmm.infer import default_model_dir, load
 from crosslmm.serve.chat import VideoChat
 from crosslmm.serve.engine import Engine
 from crosslmm.serve.media import MediaLimits
-from crosslmm.serve.server import ServeSettings, create_app
+from crosslmm.serve.server import ServeSettings, create_app, serve_in_background
 
 QUESTION = "What pattern does the red square have?\nAnswer the question using a single word."
 FOLLOW_UP = "Which direction does the red square move?\nAnswer the question using a single word."
@@ -52,21 +50,19 @@ def media(tmp_path_factory):
 
 class Running:
     def __init__(self, app) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
+        self.url, self.server = serve_in_background(app)
         self.app = app
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.server.thread.join(timeout=10)
         self.app.state.engine.stop()
+
+    def __enter__(self) -> Running:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def start(bundled, media_root, settings: ServeSettings | None = None, **limits) -> Running:
@@ -247,33 +243,21 @@ def test_sampling_options_seed_stop_and_n(server):
 
 
 def test_limits_body_video_length_queue_and_timeout(bundled, media):
-    small = start(bundled, media[0], ServeSettings(model_name="crosslmm-test", max_body_bytes=4096), max_seconds=5.0)
-    try:
+    with start(bundled, media[0], ServeSettings(model_name="crosslmm-test", max_body_bytes=4096), max_seconds=5.0) as small:
         response = post(small, greedy(video_message("clip0.mp4", "x" * 8000)))
         assert response.status_code == 413 and error_of(response)["code"] == "request_too_large"
         response = post(small, greedy(video_message("long.mp4")))
         assert response.status_code == 413 and error_of(response)["code"] == "video_too_long"
         assert post(small, greedy(video_message("clip0.mp4"))).status_code == 200
-    finally:
-        small.stop()
-    tiny_media = start(bundled, media[0], max_bytes=1000)
-    try:
-        response = post(tiny_media, greedy(video_message("clip0.mp4")))
-        assert response.status_code == 413 and error_of(response)["code"] == "media_too_large"
-    finally:
-        tiny_media.stop()
-    full = start(bundled, media[0], max_queue=0)
-    try:
-        response = post(full, greedy(video_message("clip0.mp4")))
-        assert response.status_code == 503 and error_of(response)["code"] == "queue_full"
-    finally:
-        full.stop()
-    hurried = start(bundled, media[0], ServeSettings(model_name="crosslmm-test", request_timeout_s=0.0))
-    try:
-        response = post(hurried, greedy(video_message("clip0.mp4")))
-        assert response.status_code == 504 and error_of(response)["code"] == "timeout"
-    finally:
-        hurried.stop()
+    refusals = [  # (server options, settings, status, code)
+        ({"max_bytes": 1000}, None, 413, "media_too_large"),
+        ({"max_queue": 0}, None, 503, "queue_full"),
+        ({}, ServeSettings(model_name="crosslmm-test", request_timeout_s=0.0), 504, "timeout"),
+    ]
+    for options, settings, status, code in refusals:
+        with start(bundled, media[0], settings, **options) as running:
+            response = post(running, greedy(video_message("clip0.mp4")))
+            assert response.status_code == status and error_of(response)["code"] == code
 
 
 def test_frames_over_the_servers_ceiling_are_refused(server, bundled):

@@ -13,43 +13,29 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import statistics
-import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
+
+import numpy as np
 
 from crosslmm.serve.media import is_loopback
 
 
 def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    low, high = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
+    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def start_local_server(model_dir: str | Path, media_root: str | Path, **options):
-    """A server on a free loopback port in a background thread: (base URL, server)."""
-    import uvicorn
+    """A server for `model_dir` on a free loopback port in a background thread:
+    (base URL, uvicorn server)."""
+    from crosslmm.serve.server import build_app, serve_in_background
 
-    from crosslmm.serve.server import build_app
-
-    app = build_app(model_dir, media_root=media_root, **options)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.02)
-    return f"http://127.0.0.1:{port}", server
+    return serve_in_background(build_app(model_dir, media_root=media_root, **options))
 
 
-async def _one(client, url: str, body: dict) -> tuple[float, float, int]:
+async def _one(client, url: str, body: dict) -> tuple[float, float]:
     started = time.perf_counter()
     first = None
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
@@ -61,7 +47,7 @@ async def _one(client, url: str, body: dict) -> tuple[float, float, int]:
                 if event.get("choices") and event["choices"][0]["delta"].get("content"):
                     first = time.perf_counter()
     end = time.perf_counter()
-    return (first or end) - started, end - started, 0
+    return (first or end) - started, end - started
 
 
 async def _run_load(url: str, bodies: list[dict], clients: int, max_requests: int, max_seconds: float) -> dict:
@@ -81,7 +67,7 @@ async def _run_load(url: str, bodies: list[dict], clients: int, max_requests: in
                 body = bodies[issued % len(bodies)]
                 issued += 1
             try:
-                first, whole, _ = await _one(client, url, body)
+                first, whole = await _one(client, url, body)
                 ttft.append(first)
                 total.append(whole)
             except Exception as err:  # counted and reported, the test goes on

@@ -237,9 +237,14 @@ def load_image(path: MediaPath) -> VideoClip:
         raise
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as err:
         raise VideoDecodeError(f"cannot decode image {path}: {err}") from err
+    return still_clip(rgb, str(path))
+
+
+def still_clip(rgb: np.ndarray, path: str = "<image>") -> VideoClip:
+    """An (H, W, 3) uint8 image as a one-frame clip (CrossLMM's image is a 1-frame video)."""
     return VideoClip(
         frames=rgb[None], timestamps=[0.0], duration=0.0, source_fps=None,
-        num_requested=1, num_unique=1, frame_indices=[0], path=str(path),
+        num_requested=1, num_unique=1, frame_indices=[0], path=path,
     )
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crosslmm.data.video import VideoClip
+from crosslmm.data.video import still_clip
 
 DEFAULT_UNTIL = ["\n\n"]
 
@@ -128,7 +128,5 @@ def _as_media(item: Any) -> Any:
     if isinstance(item, (str, os.PathLike)):
         return Path(item)
     if hasattr(item, "convert"):  # PIL.Image.Image
-        rgb = np.asarray(item.convert("RGB"))
-        return VideoClip(frames=rgb[None], timestamps=[0.0], duration=0.0, source_fps=None, num_requested=1,
-                         num_unique=1, frame_indices=[0], path="<image>")
+        return still_clip(np.asarray(item.convert("RGB")))
     raise TypeError(f"doc_to_visual gave a {type(item).__name__}; expected a video/image path or a PIL image")

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from crosslmm.data.video import VideoDecodeError, load_media
 from crosslmm.eval.benchmarks import MAX_NEW_TOKENS, Question
+from crosslmm.infer import encode_clip, left_pad
 
 STOP = "\n\n"
 
@@ -192,10 +193,8 @@ class _Answerer:
             self.features.move_to_end(video)
             return self.features[video]
         try:
-            clip = load_media(video, **self.processor.sampling)
-            pixels = self.processor.frame_processor(clip).to(self.device)
-            with torch.inference_mode():
-                features: torch.Tensor | Exception = self.model.vision_tower(pixels)
+            features: torch.Tensor | Exception = encode_clip(self.model, self.processor,
+                                                             load_media(video, **self.processor.sampling))
         except (FileNotFoundError, PermissionError, IsADirectoryError, VideoDecodeError) as err:
             features = err
         self.features[video] = features
@@ -208,13 +207,8 @@ class _Answerer:
         return self.processor.prompt_ids(messages, [num_frames])
 
     def _generate(self, ready: list[tuple[Question, list[int], torch.Tensor]]) -> list[str]:
-        pad = self.processor.pad_token_id
-        width = max(len(ids) for _, ids, _ in ready)
-        input_ids = torch.full((len(ready), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros(len(ready), width, dtype=torch.long)
-        for row, (_, ids, _) in enumerate(ready):  # left padding
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention_mask[row, width - len(ids):] = 1
+        input_ids, attention_mask = left_pad([ids for _, ids, _ in ready], self.processor.pad_token_id)
+        width = input_ids.shape[1]
         features = torch.cat([f for _, _, f in ready])
         frames = torch.tensor([f.shape[0] for _, _, f in ready], dtype=torch.long)
         tokenizer = self.processor.tokenizer
@@ -223,7 +217,7 @@ class _Answerer:
                 input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                 vision_features=features, media_num_frames=frames.to(self.device),
                 max_new_tokens=self.max_new_tokens, do_sample=False, stop_strings=[STOP], tokenizer=tokenizer,
-                pad_token_id=pad,
+                pad_token_id=self.processor.pad_token_id,
             )
         texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
         return [text.split(STOP)[0].strip() for text in texts]

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from crosslmm.data.video import VideoClip, load_media
+from crosslmm.infer import encode_clip
 
 
 @dataclass
@@ -93,11 +94,7 @@ class VideoChat:
         started = time.perf_counter()
         clips = [item if isinstance(item, VideoClip) else load_media(item, **processor.sampling) for item in media]
         self.media_num_frames = [clip.num_frames for clip in clips]
-        self.vision_features = None
-        if clips:
-            pixels = torch.cat([processor.frame_processor(clip) for clip in clips]).to(self.device)
-            with torch.inference_mode():
-                self.vision_features = model.vision_tower(pixels)
+        self.vision_features = torch.cat([encode_clip(model, processor, clip) for clip in clips]) if clips else None
         self.setup_seconds = time.perf_counter() - started  # decoding and the vision tower, once
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         self._history: list[int] = []  # text ids in the caches, plus the last generated one (not fed)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from crosslmm.data.video import VideoDecodeError, load_media
+from crosslmm.infer import encode_clip, left_pad
 from crosslmm.serve.media import EncodedVideoCache, MediaError, MediaLimits, MediaSource, check_duration, file_digest
 
 
@@ -171,9 +172,7 @@ class Engine:
                     if clip.num_frames > self.limits.max_frames:
                         raise MediaError(413, f"{clip.num_frames} frames, over the limit of {self.limits.max_frames}",
                                          "too_many_frames")
-                    pixels = self.processor.frame_processor(clip).to(self.device)
-                    with torch.inference_mode():
-                        encoded = self.model.vision_tower(pixels)
+                    encoded = encode_clip(self.model, self.processor, clip)
                     self.videos.put(key, encoded)
                 features.append(encoded)
                 frames.append(encoded.shape[0])
@@ -210,12 +209,7 @@ class Engine:
                              attention_mask=torch.cat([past, past.new_ones(1, len(chunk))], dim=1),
                              cache=conversation.state.cache, cross_attention_cache=conversation.state.cross_attention_cache)
         else:
-            width = max(len(item.ids) for item in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, item in enumerate(batch):
-                input_ids[row, width - len(item.ids):] = torch.tensor(item.ids)
-                mask[row, width - len(item.ids):] = 1
+            input_ids, mask = left_pad([item.ids for item in batch], pad)
             arguments.update(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device))
             features = [f for item in batch for f in item.features]
             if features:

@@ -314,6 +314,28 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, m
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
+def serve_in_background(app: FastAPI, host: str = "127.0.0.1"):
+    """Serve `app` on a free port of `host` from a daemon thread, for benchmarks and
+    tests: (base URL, uvicorn server); set `server.should_exit = True` to stop it."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.02)
+    if not server.started:
+        raise RuntimeError(f"the server did not start on {host}:{port}")
+    server.thread = thread
+    return f"http://{host}:{port}", server
+
+
 def build_app(model_dir: str | Path, *, media_root: str | Path | None = None, allowed_hosts: tuple[str, ...] = (),
               frames: int | None = None, device: str = "cpu", max_batch: int = 8, max_queue: int = 32,
               settings: ServeSettings | None = None, limits: MediaLimits | None = None) -> FastAPI:
