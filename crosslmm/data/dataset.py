@@ -157,8 +157,10 @@ class LLaVADataset(Dataset):
         *,
         load_pixels: bool = True,
         frame_counts: Mapping[str, int] | None = None,
+        uint8_pixels: bool = False,
     ) -> None:
         self.pairs = list(pairs)
+        self.uint8_pixels = uint8_pixels
         self.processor = processor
         self.load_pixels = load_pixels
         self.frame_counts = frame_counts
@@ -176,7 +178,8 @@ class LLaVADataset(Dataset):
         record, media_root = self.pairs[index]
         try:
             return self.processor.encode_record(
-                record, media_root, load_pixels=self.load_pixels, frame_counts=self.frame_counts
+                record, media_root, load_pixels=self.load_pixels, frame_counts=self.frame_counts,
+                uint8_pixels=self.uint8_pixels,
             ), None
         except RecordError as err:
             self.skipped += 1

@@ -143,6 +143,12 @@ class FrameProcessor:
 
     def __call__(self, frames: np.ndarray | VideoClip) -> torch.Tensor:
         """(T, H, W, 3) uint8 RGB (or a VideoClip) -> (T, 3, S, S) float32."""
+        return self.normalize(self.resize(frames))
+
+    def resize(self, frames: np.ndarray | VideoClip) -> torch.Tensor:
+        """(T, H, W, 3) uint8 RGB (or a VideoClip) -> (T, 3, S, S) uint8: the geometry
+        only. Training data workers ship this (a quarter of float32's bytes through the
+        worker queue and to the GPU) and the trainer normalises on the device."""
         if isinstance(frames, VideoClip):
             frames = frames.frames
         frames = np.asarray(frames)
@@ -156,8 +162,18 @@ class FrameProcessor:
                 f"frames of {frames.shape[2]}x{frames.shape[1]} give {pixels.shape[2]}x{pixels.shape[1]} "
                 f"without resizing; expected {self.output_size}x{self.output_size}"
             )
-        pixels = self._values(pixels)
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(T, 3, S, S) uint8 on any device -> float32 pixel values. Each output value
+        depends only on (channel, byte), so it is a lookup in a 3 x 256 table computed
+        once with transformers' arithmetic (`_values`): the same numbers on every device."""
+        if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected (T, 3, S, S) uint8 pixels, got {tuple(pixels.shape)} {pixels.dtype}")
+        table = torch.from_numpy(self._values(np.tile(np.arange(256, dtype=np.uint8)[:, None], (1, 3)))).T
+        table = table.contiguous().to(pixels.device)  # (3, 256)
+        channel = torch.arange(3, device=pixels.device).view(1, 3, 1, 1)
+        return table[channel, pixels.long()]
 
     def _geometry(self, frame: np.ndarray) -> np.ndarray:
         """Resize then crop, on uint8 with PIL, as the transformers PIL backend does."""

@@ -253,9 +253,13 @@ class CrossLMMProcessor:
         *,
         load_pixels: bool = True,
         frame_counts: Mapping[str, int] | None = None,
+        uint8_pixels: bool = False,
     ) -> dict[str, Any]:
         """A LLaVA record -> `id`, `input_ids` (L,), `labels` (L,), `pixel_values`
         (F, 3, S, S) or None, `media_num_frames` (M,), `media_keys` (M strings).
+
+        `uint8_pixels`: `pixel_values` are the resized uint8 frames, to be normalised
+        later with `frame_processor.normalize` (on the GPU, by the trainer).
 
         `load_pixels=False` (training from a feature cache): `pixel_values` is None. The
         frame count of each media item is taken from `frame_counts[media_key]` when
@@ -266,12 +270,13 @@ class CrossLMMProcessor:
         """
         record_id = str(record.get("id", "<record without id>"))
         try:
-            encoded = self._encode_record(record, Path(media_root), load_pixels, frame_counts or {})
+            encoded = self._encode_record(record, Path(media_root), load_pixels, frame_counts or {}, uint8_pixels)
         except RecordError as err:
             raise RecordError(f"{record_id}: {err}") from err
         return {"id": record_id, **encoded}
 
-    def _encode_record(self, record, media_root: Path, load_pixels: bool, frame_counts) -> dict[str, Any]:
+    def _encode_record(self, record, media_root: Path, load_pixels: bool, frame_counts, uint8_pixels: bool = False
+                       ) -> dict[str, Any]:
         relative_paths = _record_media(record)
         chat = [{"role": role, "content": self._with_media_token(text)} for role, text in _record_turns(record)]
         placeholders = sum(m["content"].count(self.media_token) for m in chat)
@@ -285,7 +290,7 @@ class CrossLMMProcessor:
 
         input_ids, labels = self._tokenize_with_labels(chat)
         self._check_placeholder_tokens(input_ids, len(paths), RecordError)
-        frames, pixels = self._load_record_media(paths, keys, load_pixels, frame_counts)
+        frames, pixels = self._load_record_media(paths, keys, load_pixels, frame_counts, uint8_pixels)
         self._check_length(len(input_ids), frames, RecordError, prefix="too long after splicing the media: ")
         return {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
@@ -295,7 +300,8 @@ class CrossLMMProcessor:
             "media_keys": keys,
         }
 
-    def _load_record_media(self, paths, keys, load_pixels, frame_counts) -> tuple[list[int], list[torch.Tensor]]:
+    def _load_record_media(self, paths, keys, load_pixels, frame_counts, uint8_pixels: bool = False
+                           ) -> tuple[list[int], list[torch.Tensor]]:
         frames, pixels = [], []
         for path, key in zip(paths, keys):
             if not load_pixels and key in frame_counts:
@@ -309,7 +315,7 @@ class CrossLMMProcessor:
                 raise RecordError(f"media file {path} cannot be decoded: {err}") from err
             frames.append(clip.num_frames)
             if load_pixels:
-                pixels.append(self.frame_processor(clip))
+                pixels.append(self.frame_processor.resize(clip) if uint8_pixels else self.frame_processor(clip))
         return frames, pixels
 
     def _tokenize_with_labels(self, chat: list[dict[str, str]]) -> tuple[list[int], list[int]]:

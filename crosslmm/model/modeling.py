@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
@@ -118,6 +119,12 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
             self.decoder_layers, config.text_config, config.dcal_layer_indices, config.v2v_layer_indices, config.use_t2v,
             config.cross_attention_init,
         )
+        # Blocks that must stay whole on one device or in one FSDP unit: ours and the
+        # sub-models' (the ViT's encoder layers, the LLM's decoder layers), explicitly,
+        # whatever transformers' post_init collects from children in a given release.
+        self._no_split_modules = sorted(
+            {*self._no_split_modules, *(getattr(self.vision_tower.vit, "_no_split_modules", None) or ()),
+             *(getattr(self.language_model, "_no_split_modules", None) or ())})
         self.post_init()
 
     # ---- plumbing transformers expects ----
@@ -178,9 +185,15 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         """(F, N, Dv) -> (F, N, D). Without autograd, frames are projected in chunks into
         one preallocated tensor: the projector's hidden activations (twice the size of
         its output) then exist for one chunk at a time, which is what bounds the prefill's
-        peak memory on long videos. With autograd every activation is kept anyway."""
+        peak memory on long videos. With autograd every activation is kept, unless the
+        vision tower checkpoints its chunks (training the ViT with activation
+        checkpointing): then so does the projector, chunk by chunk."""
         if torch.is_grad_enabled():
-            return self.projector(vision_features)
+            if not self.vision_tower.checkpoint_chunks:
+                return self.projector(vision_features)
+            step = self.config.vision_chunk_size
+            return torch.cat([checkpoint(self.projector, vision_features[start:start + step], use_reentrant=False)
+                              for start in range(0, vision_features.shape[0], step)])
         num_frames, num_tokens, _ = vision_features.shape
         out = vision_features.new_empty(num_frames, num_tokens, self.config.text_config.hidden_size)
         step = self.config.vision_chunk_size

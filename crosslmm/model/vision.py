@@ -10,9 +10,11 @@ would be dead weight and dead compute. Frames are encoded in chunks of
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel
 
 from crosslmm.model.configuration import CrossLMMConfig
@@ -36,6 +38,11 @@ class VisionTower(nn.Module):
         self.grid_size = config.vision_grid_size
         self.image_size = config.image_size
         self.chunk_size = config.vision_chunk_size
+        # Training the ViT with activation checkpointing: keep only each chunk's input
+        # frames and recompute the chunk's whole encode in backward, instead of every
+        # layer's input for every frame (26 layers x 729 tokens x 1152 per frame for
+        # SigLIP-so400m, which is what made 512 frames not fit). Set by the trainer.
+        self.checkpoint_chunks = False
 
     @property
     def original_tokens_per_frame(self) -> int:
@@ -51,8 +58,24 @@ class VisionTower(nn.Module):
                 f"got {tuple(pixel_values.shape)}"
             )
         dtype = next(self.vit.parameters()).dtype
-        chunks = [self._encode(chunk.to(dtype)) for chunk in pixel_values.split(self.chunk_size)]
+        encode = self._encode
+        if self.checkpoint_chunks and torch.is_grad_enabled() and any(p.requires_grad for p in self.vit.parameters()):
+            encode = partial(checkpoint, self._encode_unchecked, use_reentrant=False)
+        chunks = [encode(chunk.to(dtype)) for chunk in pixel_values.split(self.chunk_size)]
         return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+    def _encode_unchecked(self, frames: torch.Tensor) -> torch.Tensor:
+        """`_encode` with the ViT's own per-layer checkpointing off: the chunk as a whole
+        is the checkpointed unit, recomputed once (per-layer checkpoints inside it would
+        recompute every layer a second time)."""
+        layers = [m for m in self.vit.modules() if getattr(m, "gradient_checkpointing", False)]
+        for layer in layers:
+            layer.gradient_checkpointing = False
+        try:
+            return self._encode(frames)
+        finally:
+            for layer in layers:
+                layer.gradient_checkpointing = True
 
     def _encode(self, frames: torch.Tensor) -> torch.Tensor:
         if self.model_type == "siglip2_vision_model":

@@ -28,7 +28,8 @@ class DataConfig:
     fps: float | None = None
     max_frames: int = 32
     max_length: int | None = None  # default: the LLM's context
-    num_workers: int = 0
+    num_workers: int | None = None  # decoding processes; None: up to 8 per GPU (cores / local GPUs), 0 on CPU
+    uint8_pixels: bool = True  # workers ship resized uint8 frames (4x less to copy); normalised on the device
     group_by_length: bool = True
     max_skipped_fraction: float = 0.5  # stop when more of the records seen so far were unreadable
 
@@ -57,6 +58,14 @@ class ProbeConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How the model is spread over processes (crosslmm.train.distributed)."""
+
+    strategy: str = "ddp"  # ddp: a full copy per process | fsdp: FSDP2, weights/gradients/AdamW sharded (ZeRO-3)
+    reshard_after_forward: bool = True  # fsdp: free gathered weights after each unit's forward (false: ZeRO-2-like)
+
+
+@dataclass
 class TrainConfig:
     model: str = "???"  # a CrossLMM checkpoint directory (crosslmm build / import-llava-ov / a previous stage)
     output_dir: str = "???"
@@ -78,6 +87,8 @@ class TrainConfig:
     resume: str | None = None  # "latest" or a checkpoint folder
     find_unused_parameters: bool = True  # text-only batches skip the cross-attentions
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    export_dtype: str = "bfloat16"  # the final model's weights: bfloat16 (inference) | float32 (a next stage's start)
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -105,6 +116,13 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         raise ValueError(f"optim.schedule must be cosine or constant, got {config.optim.schedule!r}")
     if config.probe.every and (config.probe.kind not in PROBE_KINDS or not config.probe.data):
         raise ValueError(f"probe needs kind in {PROBE_KINDS} and data, got kind={config.probe.kind!r}, data={config.probe.data!r}")
+    if config.distributed.strategy not in ("ddp", "fsdp"):
+        hint = " (FSDP2's strategy fsdp shards the same states as ZeRO-3)" if config.distributed.strategy == "zero3" else ""
+        raise ValueError(f"distributed.strategy must be ddp or fsdp, got {config.distributed.strategy!r}{hint}")
+    if config.distributed.strategy == "fsdp" and config.mixed_precision == "fp16":
+        raise ValueError("distributed.strategy=fsdp trains in bf16 or fp32: set mixed_precision to bf16 or no")
+    if config.export_dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"export_dtype must be bfloat16 or float32, got {config.export_dtype!r}")
     if config.stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {config.stage}")
     if config.feature_cache and "vision" in config.optim.trainable:

@@ -6,6 +6,14 @@ scheduler state, every random generator and the data position. Tensors go to
 safetensors, everything else to JSON; nothing is ever read with pickle, so a checkpoint
 from elsewhere cannot execute code.
 
+Under FSDP (`distributed.strategy: fsdp`) every process writes its own shard of the
+trainable parameters and of the optimizer state (`trainable-rank{r}.safetensors`,
+`optimizer-rank{r}.*`): nothing is gathered, so a 7B checkpoint costs each process only
+its 1/N. Resuming needs the same number of processes, which the trainer requires anyway
+(the data position is counted in the same global layout). `sharding.json` says which
+layout a folder holds. torch.distributed.checkpoint would also reshard, but its metadata
+file is a pickle, and resuming must never unpickle.
+
 Atomicity: a checkpoint is written into a temporary sibling folder, flushed, then renamed
 into place; `latest` is a one-line file replaced atomically after the rename. A crash at
 any moment leaves either the previous checkpoint or the new one, never half of one.
@@ -26,23 +34,42 @@ from safetensors.torch import load_file, save_file
 LATEST = "latest"
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (FSDP2), or the tensor itself, on the CPU."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.detach().contiguous().cpu()
+
+
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
+    tensors, scalars, sharded = {}, {}, []
     for index, values in state["state"].items():
         for name, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"{index}.{name}"] = _local(value)
+                if hasattr(value, "to_local"):
+                    sharded.append(f"{index}.{name}")
             else:
                 scalars[f"{index}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars, "sharded": sharded}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict, params: list[torch.Tensor]) -> dict:
+    """The optimizer state dict; shards saved from DTensors become DTensors laid out like
+    their parameter again (`params` in the optimizer's order)."""
+    from_shard = set(meta.get("sharded", ()))
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         index, name = key.split(".", 1)
+        if key in from_shard:
+            param = params[int(index)]
+            value = type(param).from_local(value.to(param.device), param.device_mesh, param.placements,
+                                           run_check=False, shape=param.shape, stride=param.stride())
         state.setdefault(int(index), {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -78,9 +105,12 @@ def save_checkpoint(
     rank: int = 0,
     is_main: bool = True,
     barrier=lambda: None,
+    world_size: int = 1,
+    sharded: bool = False,
 ) -> None:
-    """Write a checkpoint folder atomically. Every rank writes its own random state; the
-    main process writes the rest and renames."""
+    """Write a checkpoint folder atomically. Every rank writes its own random state (and,
+    `sharded`, its shards of the weights and optimizer); the main process writes the rest
+    and renames."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if is_main:
@@ -90,11 +120,14 @@ def save_checkpoint(
     rng_tensors, rng_meta = _rng_state()
     save_file(rng_tensors, tmp / f"rng-rank{rank}.safetensors")
     _write_json(tmp / f"rng-rank{rank}.json", rng_meta)
-    if is_main:
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+    if sharded or is_main:
+        suffix = f"-rank{rank}" if sharded else ""
+        save_file({k: _local(v) for k, v in trainable.items()}, tmp / f"trainable{suffix}.safetensors")
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        _write_json(tmp / "optimizer.json", opt_meta)
+        save_file(opt_tensors, tmp / f"optimizer{suffix}.safetensors")
+        _write_json(tmp / f"optimizer{suffix}.json", opt_meta)
+    if is_main:
+        _write_json(tmp / "sharding.json", {"sharded": sharded, "world_size": world_size})
         _write_json(tmp / "scheduler.json", {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"})
         _write_json(tmp / "progress.json", progress)
         (tmp / "recipe.yaml").write_text(recipe_yaml)
@@ -115,10 +148,19 @@ def save_checkpoint(
     barrier()
 
 
-def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0) -> dict:
+def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0,
+                    world_size: int = 1, sharded: bool = False) -> dict:
     """Restore a checkpoint written by `save_checkpoint`; returns its progress dict."""
     folder = Path(folder)
-    trainable = load_file(folder / "trainable.safetensors")
+    layout_file = folder / "sharding.json"
+    layout = json.loads(layout_file.read_text()) if layout_file.is_file() else {"sharded": False}
+    if layout["sharded"] != sharded or (sharded and layout["world_size"] != world_size):
+        saved = f"sharded over {layout['world_size']} processes" if layout["sharded"] else "unsharded"
+        wanted = f"sharded over {world_size}" if sharded else "unsharded"
+        raise ValueError(f"{folder} holds a {saved} checkpoint; this run is {wanted} (distributed.strategy and the "
+                         "process count must match the run that wrote it)")
+    suffix = f"-rank{rank}" if sharded else ""
+    trainable = load_file(folder / f"trainable{suffix}.safetensors")
     params = dict(model.named_parameters())
     unknown = [k for k in trainable if k not in params]
     if unknown:
@@ -128,9 +170,15 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, 
         raise ValueError(f"{folder} lacks trainable parameters of this recipe: {absent[:5]}")
     with torch.no_grad():
         for name, value in trainable.items():
-            params[name].copy_(value)
-    meta = json.loads((folder / "optimizer.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(folder / "optimizer.safetensors"), meta))
+            param = params[name]
+            target = param.to_local() if hasattr(param, "to_local") else param
+            if target.shape != value.shape:
+                raise ValueError(f"{folder}: {name} has shape {tuple(value.shape)}, this process expects "
+                                 f"{tuple(target.shape)}")
+            target.copy_(value)
+    meta = json.loads((folder / f"optimizer{suffix}.json").read_text())
+    tensors = load_file(folder / f"optimizer{suffix}.safetensors")
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta, _optimizer_params(optimizer)))
     scheduler_state = json.loads((folder / "scheduler.json").read_text())
     scheduler.load_state_dict({**scheduler.state_dict(), **scheduler_state})
     rng_file = folder / f"rng-rank{rank}.safetensors"

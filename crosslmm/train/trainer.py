@@ -1,16 +1,19 @@
-"""The training loop for both stages, on one process or many (accelerate / PyTorch DDP).
+"""The training loop for both stages, on one process or many (DDP through accelerate,
+or FSDP2; `crosslmm.train.distributed`).
 
-One recipe, read top to bottom:
-1. load the model (with the recipe's config overrides), its processor and the data;
-2. choose the trainable parts, build AdamW groups (per-part learning rates, no weight
-   decay on gates, norms and biases) and a warmup + cosine schedule;
-3. walk a fixed, seeded order of global batches; each rank takes its slice, split into
-   gradient-accumulation micro-batches;
-4. normalise the loss by the number of answer tokens in the whole global batch (all
-   ranks, all micro-batches), so N processes x B samples give the same update as one
-   process with N*B samples;
-5. checkpoint atomically every `save_every` steps with everything an exact resume
-   needs; write the final model with `save_pretrained`.
+`train` reads top to bottom, one function per phase:
+1. `setup`: load the model (with the recipe's config overrides), its processor and the
+   data; freeze what the recipe does not train; shard (FSDP) or replicate (DDP); build
+   AdamW groups (per-part learning rates, no weight decay on gates, norms and biases)
+   and a warmup + cosine schedule;
+2. `resume`: the saved weights, optimizer, schedule, random state and data position;
+3. `rank_batches`: a fixed, seeded order of global batches, epoch after epoch; each rank
+   takes its slice, split into gradient-accumulation micro-batches;
+4. `train_step`: normalise the loss by the number of answer tokens in the whole global
+   batch (all ranks, all micro-batches), so N processes x B samples give the same
+   update as one process with N*B samples;
+5. `checkpoint` atomically every `save_every` steps with everything an exact resume
+   needs; `export_model` writes the final model with `save_pretrained`.
 
 The data order is a pure function of (seed, epoch), never of the process layout or of
 where a run was interrupted, which is what makes resuming exact and multi-process runs
@@ -22,9 +25,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +44,7 @@ from crosslmm.data.processor import CrossLMMProcessor
 from crosslmm.model.configuration import CrossLMMConfig
 from crosslmm.model.modeling import CrossLMMForCausalLM, parameter_part
 from crosslmm.train.config import TrainConfig, dump_train_config
+from crosslmm.train.distributed import ParallelModel, export_model, fully_shard_model
 from crosslmm.train.feature_cache import FeatureCache, vision_fingerprint
 from crosslmm.train.state import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 
@@ -74,9 +79,11 @@ def load_model(config: TrainConfig) -> CrossLMMForCausalLM:
     return model
 
 
-def load_data(config: TrainConfig, processor: CrossLMMProcessor, cache: FeatureCache | None = None) -> LLaVADataset:
+def load_data(config: TrainConfig, processor: CrossLMMProcessor, cache: FeatureCache | None = None,
+              uint8_pixels: bool = False) -> LLaVADataset:
     """The training records; with a feature cache, items carry no pixels and their frame
-    counts come from the cache, so no video is decoded at all."""
+    counts come from the cache, so no video is decoded at all. `uint8_pixels`: items
+    carry resized uint8 frames, normalised on the device by `forward_backward`."""
     path = Path(config.data.train)
     if path.suffix in (".yaml", ".yml"):
         if config.data.media_root:
@@ -86,17 +93,22 @@ def load_data(config: TrainConfig, processor: CrossLMMProcessor, cache: FeatureC
         media_root = Path(config.data.media_root) if config.data.media_root else path.parent
         pairs = [(record, media_root) for record in load_records(path)]
     if cache is None:
-        return LLaVADataset(pairs, processor)
+        return LLaVADataset(pairs, processor, uint8_pixels=uint8_pixels)
     return LLaVADataset(pairs, processor, load_pixels=False, frame_counts=cache.frame_counts())
 
 
+def freeze_untrained(model: torch.nn.Module, config: TrainConfig) -> None:
+    """Only the recipe's `optim.trainable` parts get gradients."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(parameter_part(name) in config.optim.trainable)
+
+
 def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
-    """Freeze what the recipe does not train; group the rest by (part, decay)."""
+    """AdamW groups of the trainable parameters by (part, decay)."""
     optim = config.optim
     groups: dict[tuple[str, bool], list] = {}
     for name, param in model.named_parameters():
         part = parameter_part(name)
-        param.requires_grad_(part in optim.trainable)
         if param.requires_grad:
             decay = param.ndim >= 2  # gates, norms and biases are 0-/1-D: no weight decay
             groups.setdefault((part, decay), []).append(param)
@@ -131,19 +143,92 @@ def answer_tokens(batch: dict | None) -> int:
     return 0 if batch is None else int((batch["labels"][:, 1:] != -100).sum())
 
 
+@dataclass
+class Run:
+    """Everything a training run is made of, built once by `setup`."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    parallel: ParallelModel
+    processor: CrossLMMProcessor
+    dataset: LLaVADataset
+    collate: "CollateIndices"
+    cache: FeatureCache | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    trainable: dict[str, torch.Tensor]  # name -> parameter (DTensor shards under FSDP)
+    global_batch: int
+    total_steps: int
+    recipe: str  # the resolved YAML, written beside every checkpoint
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+
 def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     """Run a recipe; returns the folder of the final model. `stop_after` ends the run
     early (after a checkpoint) without changing the schedule, e.g. for time-limited jobs."""
+    run = setup(config)
+    progress = resume(run)
     output_dir = Path(config.output_dir)
+    if run.accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "recipe.yaml").write_text(run.recipe)
+    run.accelerator.init_trackers("tb")
+
+    run.parallel.module.train()
+    bar = tqdm(total=run.total_steps, initial=progress.step, disable=not run.accelerator.is_local_main_process,
+               desc="train")
+    meter = Meter(start_step=progress.step)
+    for epoch, batch_in_epoch, loaded in rank_batches(run, progress):
+        loss = train_step(run, loaded, meter)
+        progress.step, progress.epoch, progress.batch_in_epoch = progress.step + 1, epoch, batch_in_epoch
+        bar.update(1)
+        finishing = progress.step == run.total_steps or (
+            stop_after is not None and progress.step - meter.start_step >= stop_after)
+        if progress.step % max(config.log_every, 1) == 0 or progress.step == run.total_steps:
+            log_metrics(run, progress.step, loss, meter)
+            bar.set_postfix(loss=f"{loss:.4f}")
+        if config.probe.every and (progress.step % config.probe.every == 0 or progress.step == run.total_steps):
+            run_probe(run, progress.step)
+        if (config.save_every and progress.step % config.save_every == 0) or finishing:
+            checkpoint(run, progress)
+        if finishing:
+            break
+    bar.close()
+    if not run.parallel.sharded:  # FSDP ranks hold different shards by design
+        check_ranks_in_sync(run.trainable, run.accelerator, output_dir)
+
+    final = output_dir / "model"
+    if progress.step == run.total_steps:
+        export_model(run.parallel, run.processor, final, config.export_dtype)
+    run.accelerator.end_training()  # also tears down the process group: last
+    return final
+
+
+def setup(config: TrainConfig) -> Run:
+    """Model, processor, data, sharding, optimizer and schedule, in the order they depend
+    on each other: parameters are frozen before sharding and the optimizer is built on
+    the sharded parameters (FSDP replaces them by DTensors)."""
+    strategy = config.distributed.strategy
+    if strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        log.info("distributed.strategy=fsdp with one process: nothing to shard, training unsharded")
+        strategy = "ddp"
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # torchrun on CPU-only machines: DDP over gloo
-        mixed_precision=config.mixed_precision,
+        cpu=not torch.cuda.is_available(),  # torchrun on CPU-only machines: DDP/FSDP over gloo
+        # FSDP's MixedPrecisionPolicy does the casting; DDP uses accelerate's autocast.
+        mixed_precision=config.mixed_precision if strategy == "ddp" else "no",
         log_with="tensorboard",
-        project_dir=str(output_dir),
+        project_dir=str(config.output_dir),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)],
     )
     set_seed(config.seed)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
 
     model = load_model(config)
     processor = CrossLMMProcessor.from_pretrained(
@@ -153,13 +238,21 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     cache = FeatureCache(config.feature_cache) if config.feature_cache else None
     if cache is not None:
         fill_feature_cache(cache, model, config, processor, accelerator)
-    dataset = load_data(config, processor, cache)
-    collator = DataCollator(processor.pad_token_id)
+    dataset = load_data(config, processor, cache, uint8_pixels=config.data.uint8_pixels)
 
-    groups = parameter_groups(model, config)
+    freeze_untrained(model, config)
     if config.gradient_checkpointing:
         compat.enable_activation_checkpointing(model, use_reentrant=False)
-    optimizer = torch.optim.AdamW(groups, betas=tuple(config.optim.betas))
+        model.vision_tower.checkpoint_chunks = "vision" in config.optim.trainable
+    if strategy == "fsdp":
+        model.to(accelerator.device)
+        parallel = ParallelModel(fully_shard_model(model, config.mixed_precision,
+                                                   config.distributed.reshard_after_forward), strategy, accelerator)
+        optimizer = torch.optim.AdamW(parameter_groups(model, config), betas=tuple(config.optim.betas))
+    else:
+        optimizer = torch.optim.AdamW(parameter_groups(model, config), betas=tuple(config.optim.betas))
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
+        parallel = ParallelModel(wrapped, strategy, accelerator)
 
     global_batch = config.per_device_batch_size * world * config.gradient_accumulation
     steps_per_epoch = len(dataset) // global_batch
@@ -171,125 +264,138 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps)
     else:
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    trainable = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    trainable = {n: p for n, p in parallel.unwrap().named_parameters() if p.requires_grad}
+    collate = CollateIndices(dataset, DataCollator(processor.pad_token_id))
+    return Run(config, accelerator, parallel, processor, dataset, collate, cache, optimizer, scheduler, trainable,
+               global_batch, total_steps, dump_train_config(config))
 
-    progress = Progress(global_batch=global_batch, world_size=world)
-    checkpoints = output_dir / "checkpoints"
-    if config.resume:
-        folder = resolve_resume(output_dir, config.resume)
-        saved = Progress(**load_checkpoint(folder, accelerator.unwrap_model(model), optimizer, scheduler, rank))
-        if (saved.global_batch, saved.world_size) != (global_batch, world):
-            raise ValueError(
-                f"{folder} was written with {saved.world_size} process(es) and global batch {saved.global_batch}; "
-                f"resuming with {world} and {global_batch} would not continue the same run"
-            )
-        progress = saved
-        accelerator.print(f"resumed from {folder} at step {progress.step}")
-    recipe = dump_train_config(config)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "recipe.yaml").write_text(recipe)
-    accelerator.init_trackers("tb")
 
-    model.train()
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train")
-    start_step, started = progress.step, time.perf_counter()
-    tokens_seen = samples_seen = 0
-    records_requested = records_skipped = 0
-    skipped_reasons: list[str] = []  # this rank's, for the message
-    while progress.step < total_steps:
-        batches = global_batches(dataset, config, progress.epoch, global_batch)
-        mine = [micro_batches(b, rank, world, config.per_device_batch_size, config.gradient_accumulation)
-                for b in batches[progress.batch_in_epoch:]]
-        loader = DataLoader([m for step in mine for m in step], batch_size=None, shuffle=False,
-                            num_workers=config.data.num_workers, collate_fn=CollateIndices(dataset, collator))
-        loader_iter = iter(loader)
-        for _ in mine:
-            loaded = [next(loader_iter) for _ in range(config.gradient_accumulation)]
-            micro = [batch for batch, _, _ in loaded]
-            skipped_reasons += [reason for _, _, reasons in loaded for reason in reasons]
-            if cache is not None:
-                micro = [attach_features(b, cache) for b in micro]
-            counted = torch.tensor([sum(answer_tokens(b) for b in micro), sum(n for _, n, _ in loaded),
-                                    sum(len(reasons) for _, _, reasons in loaded)], device=accelerator.device)
-            global_tokens, requested, skipped = (int(x) for x in accelerator.reduce(counted, reduction="sum"))
-            records_requested, records_skipped = records_requested + requested, records_skipped + skipped
-            check_skipped(records_requested, records_skipped, skipped_reasons, config.data.max_skipped_fraction,
-                          global_batch)
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for j, batch in enumerate(micro):
-                last = j == len(micro) - 1
-                with accelerator.no_sync(model) if not last else nullcontext():
-                    loss_sum += forward_backward(model, batch, global_tokens, world, accelerator, processor.pad_token_id)
-            if config.optim.max_grad_norm > 0:
-                accelerator.clip_grad_norm_([p for p in trainable.values()], config.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.batch_in_epoch += 1
-            tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro if b is not None)
-            samples_seen += sum(len(b["ids"]) for b in micro if b is not None)
-            bar.update(1)
+def resume(run: Run) -> Progress:
+    """The saved position (and weights, optimizer, schedule, random state), or step 0."""
+    progress = Progress(global_batch=run.global_batch, world_size=run.world)
+    if not run.config.resume:
+        return progress
+    folder = resolve_resume(Path(run.config.output_dir), run.config.resume)
+    saved = Progress(**load_checkpoint(folder, run.parallel.unwrap(), run.optimizer, run.scheduler, run.rank,
+                                       world_size=run.world, sharded=run.parallel.sharded))
+    if (saved.global_batch, saved.world_size) != (run.global_batch, run.world):
+        raise ValueError(
+            f"{folder} was written with {saved.world_size} process(es) and global batch {saved.global_batch}; "
+            f"resuming with {run.world} and {run.global_batch} would not continue the same run"
+        )
+    run.accelerator.print(f"resumed from {folder} at step {saved.step}")
+    return saved
 
-            loss_value = float(accelerator.reduce(loss_sum.detach(), reduction="sum")) / max(global_tokens, 1)
-            if progress.step % max(config.log_every, 1) == 0 or progress.step == total_steps:
-                elapsed = time.perf_counter() - started
-                metrics = {"loss": loss_value, "samples_per_s": samples_seen * world / elapsed,
-                           "tokens_per_s": tokens_seen * world / elapsed}
-                metrics.update({f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups})
-                metrics.update(gate_values(accelerator.unwrap_model(model)))
-                accelerator.log(metrics, step=progress.step)
-                if accelerator.is_main_process:
-                    with open(output_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps({"step": progress.step, **metrics}) + "\n")
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-                log.info("step %d loss %.4f", progress.step, loss_value)
 
-            finishing = progress.step == total_steps or (stop_after is not None and progress.step - start_step >= stop_after)
-            if config.probe.every and (progress.step % config.probe.every == 0 or progress.step == total_steps):
-                run_probe(accelerator, model, processor, config, output_dir, progress.step)
-            if (config.save_every and progress.step % config.save_every == 0) or finishing:
-                save_checkpoint(checkpoints / f"step-{progress.step:07d}", trainable, optimizer, scheduler,
-                                progress.__dict__, recipe, rank, accelerator.is_main_process, accelerator.wait_for_everyone)
-                if accelerator.is_main_process:
-                    prune_checkpoints(checkpoints, config.keep_checkpoints)
-            if finishing:
-                break
-        else:  # the epoch's batches ran out: start the next epoch
-            progress.epoch += 1
-            progress.batch_in_epoch = 0
-            continue
-        break  # finished, or stopped early by `stop_after`
-    bar.close()
-    check_ranks_in_sync(trainable, accelerator, output_dir)
+def rank_batches(run: Run, progress: Progress) -> Iterator[tuple[int, int, list[tuple[dict | None, int, list[str]]]]]:
+    """From the saved position on, forever: (epoch, global batches of that epoch consumed
+    after this one, this rank's loaded micro-batches). Epochs follow each other; the
+    caller stops at the last step."""
+    config = run.config
+    epoch, start = progress.epoch, progress.batch_in_epoch
+    while True:
+        batches = global_batches(run.dataset, config, epoch, run.global_batch)[start:]
+        mine = [m for b in batches
+                for m in micro_batches(b, run.rank, run.world, config.per_device_batch_size, config.gradient_accumulation)]
+        loader = iter(DataLoader(mine, batch_size=None, shuffle=False, num_workers=data_workers(config),
+                                 collate_fn=run.collate))
+        for i in range(len(batches)):
+            yield epoch, start + i + 1, [next(loader) for _ in range(config.gradient_accumulation)]
+        epoch, start = epoch + 1, 0
 
-    final = output_dir / "model"
-    if progress.step == total_steps:
-        accelerator.wait_for_everyone()
+
+def data_workers(config: TrainConfig) -> int:
+    """`data.num_workers`, or by default enough decoding processes to keep a GPU fed
+    (the CPU cores shared out between this machine's ranks, at most 8), none on CPU."""
+    if config.data.num_workers is not None:
+        return config.data.num_workers
+    if not torch.cuda.is_available():
+        return 0
+    local_ranks = max(torch.cuda.device_count(), 1)
+    return max(1, min(8, (os.cpu_count() or 1) // local_ranks - 1))
+
+
+@dataclass
+class Meter:
+    """Running counts for throughput and the skipped-records guard."""
+
+    start_step: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+    samples: int = 0
+    requested: int = 0
+    skipped: int = 0
+    skipped_reasons: list[str] = field(default_factory=list)  # this rank's, for the message
+
+
+def train_step(run: Run, loaded: list[tuple[dict | None, int, list[str]]], meter: Meter) -> float:
+    """One optimizer step over this rank's micro-batches; returns the global mean token loss."""
+    accelerator = run.accelerator
+    micro = [batch for batch, _, _ in loaded]
+    meter.skipped_reasons += [reason for _, _, reasons in loaded for reason in reasons]
+    if run.cache is not None:
+        micro = [attach_features(b, run.cache) for b in micro]
+    counted = torch.tensor([sum(answer_tokens(b) for b in micro), sum(n for _, n, _ in loaded),
+                            sum(len(reasons) for _, _, reasons in loaded)], device=accelerator.device)
+    global_tokens, requested, skipped = (int(x) for x in accelerator.reduce(counted, reduction="sum"))
+    meter.requested, meter.skipped = meter.requested + requested, meter.skipped + skipped
+    check_skipped(meter.requested, meter.skipped, meter.skipped_reasons, run.config.data.max_skipped_fraction,
+                  run.global_batch)
+
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for j, batch in enumerate(micro):
+        with run.parallel.sync_context(last_micro_batch=j == len(micro) - 1):
+            loss_sum += forward_backward(run.parallel.module, batch, global_tokens, run.world, accelerator,
+                                         run.processor.pad_token_id, run.processor.frame_processor.normalize)
+    if run.config.optim.max_grad_norm > 0:
+        run.parallel.clip_grad_norm_(list(run.trainable.values()), run.config.optim.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    meter.tokens += sum(int(b["attention_mask"].sum()) for b in micro if b is not None)
+    meter.samples += sum(len(b["ids"]) for b in micro if b is not None)
+    return float(accelerator.reduce(loss_sum.detach(), reduction="sum")) / max(global_tokens, 1)
+
+
+def log_metrics(run: Run, step: int, loss: float, meter: Meter) -> None:
+    """Loss, throughput, learning rates and gate openings to TensorBoard and metrics.jsonl."""
+    elapsed = time.perf_counter() - meter.started
+    metrics = {"loss": loss, "samples_per_s": meter.samples * run.world / elapsed,
+               "tokens_per_s": meter.tokens * run.world / elapsed}
+    metrics.update({f"lr/{g['name']}": g["lr"] for g in run.optimizer.param_groups})
+    metrics.update(gate_values(run.parallel.unwrap()))
+    run.accelerator.log(metrics, step=step)
+    if run.accelerator.is_main_process:
+        with open(Path(run.config.output_dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+    log.info("step %d loss %.4f", step, loss)
+
+
+def checkpoint(run: Run, progress: Progress) -> None:
+    checkpoints = Path(run.config.output_dir) / "checkpoints"
+    save_checkpoint(checkpoints / f"step-{progress.step:07d}", run.trainable, run.optimizer, run.scheduler,
+                    progress.__dict__, run.recipe, run.rank, run.accelerator.is_main_process,
+                    run.accelerator.wait_for_everyone, world_size=run.world, sharded=run.parallel.sharded)
+    if run.accelerator.is_main_process:
+        prune_checkpoints(checkpoints, run.config.keep_checkpoints)
+
+
+def run_probe(run: Run, step: int) -> None:
+    """The recipe's probe, appended to `probe.jsonl` by the main process. Under FSDP every
+    process runs it (each forward gathers weights from all of them); under DDP the main
+    process runs it alone and the others wait."""
+    from crosslmm.synth.evaluate import probe
+
+    config, accelerator = run.config, run.accelerator
+    if accelerator.is_main_process or run.parallel.sharded:
+        with run.parallel.evaluating() as model:
+            started = time.perf_counter()
+            scores = probe(config.probe.kind, model, run.processor, config.probe.data, config.probe.limit)
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(final)
-            processor.save_pretrained(final)
-        accelerator.wait_for_everyone()
-    accelerator.end_training()  # also tears down the process group: last
-    return final
-
-
-def run_probe(accelerator: Accelerator, model, processor, config: TrainConfig, output_dir: Path, step: int) -> None:
-    """The recipe's probe on the main process, appended to `probe.jsonl`; the others wait."""
-    if accelerator.is_main_process:
-        from crosslmm.synth.evaluate import probe
-
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.eval()
-        started = time.perf_counter()
-        scores = probe(config.probe.kind, unwrapped, processor, config.probe.data, config.probe.limit)
-        unwrapped.train()
-        line = {"step": step, "kind": config.probe.kind, "seconds": round(time.perf_counter() - started, 1), **scores}
-        with open(output_dir / "probe.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
-        log.info("probe at step %d: %s", step, {k: round(v, 3) for k, v in scores.items() if "/" not in k})
+            line = {"step": step, "kind": config.probe.kind, "seconds": round(time.perf_counter() - started, 1), **scores}
+            with open(Path(config.output_dir) / "probe.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+            log.info("probe at step %d: %s", step, {k: round(v, 3) for k, v in scores.items() if "/" not in k})
     accelerator.wait_for_everyone()
 
 
@@ -324,22 +430,25 @@ def check_skipped(requested: int, skipped: int, reasons: list[str], max_fraction
     )
 
 
-def forward_backward(
-    model, batch: dict | None, global_tokens: int, world: int, accelerator: Accelerator, pad_token_id: int
-) -> torch.Tensor:
+def forward_backward(model, batch: dict | None, global_tokens: int, world: int, accelerator: Accelerator,
+                     pad_token_id: int, normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """One micro-batch; returns its summed token loss (detached). The loss is divided by
-    the global answer-token count times 1/world, since DDP averages gradients over ranks.
-    A rank whose micro-batch is empty (every record skipped) runs a real forward and
-    backward on a one-token batch without labels (loss exactly 0), so DDP's gradient
-    synchronisation happens on every rank and nothing hangs or is trained on."""
+    the global answer-token count times 1/world, since DDP and FSDP both average
+    gradients over ranks. A rank whose micro-batch is empty (every record skipped) runs a
+    real forward and backward on a one-token batch without labels (loss exactly 0), so
+    the gradient reduction happens on every rank and nothing hangs or is trained on.
+    uint8 frames are normalised here, on the device, by `normalize`."""
+    device = accelerator.device
     empty = batch is None
     if empty:
         batch = {"input_ids": torch.tensor([[pad_token_id]]), "attention_mask": torch.ones(1, 1, dtype=torch.long),
                  "labels": torch.tensor([[-100]])}
-    inputs = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
               if k in ("input_ids", "attention_mask", "labels", "pixel_values", "media_num_frames", "vision_features")}
+    if inputs.get("pixel_values") is not None and inputs["pixel_values"].dtype == torch.uint8:
+        inputs["pixel_values"] = normalize(inputs["pixel_values"])
     num_items = max(global_tokens, 1) / world
-    out = model(**inputs, num_items_in_batch=torch.tensor(num_items, device=accelerator.device), logits_to_keep="labels")
+    out = model(**inputs, num_items_in_batch=torch.tensor(num_items, device=device), logits_to_keep="labels")
     loss = out.loss
     if empty:  # a text-only token may not reach the trained parts (stage 1): give every one a zero gradient
         loss = loss + sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
