@@ -459,6 +459,46 @@ def params(
     typer.echo(json.dumps({"model": model, **result}, indent=2) if as_json else describe(result, model))
 
 
+@app.command()
+def memory(
+    model: str = typer.Argument(..., help="A preset (crosslmm-2b, crosslmm-7b, reduced, small, tiny) or a checkpoint directory."),
+    stage: int = typer.Option(2, help="1: projector + V2V trainable (frozen ViT and LLM); 2: everything, T2V on."),
+    frames: int = typer.Option(64, help="Frames per video (one video per sample)."),
+    gpus: int = typer.Option(8, help="GPUs the run shards or replicates over."),
+    strategy: str = typer.Option("fsdp", help="ddp (a full copy per GPU) or fsdp (FSDP2: weights, gradients, AdamW sharded)."),
+    batch: int = typer.Option(1, help="Per-GPU micro-batch (samples)."),
+    text_tokens: int = typer.Option(128, help="Text tokens per sample around the video."),
+    answer_tokens: int = typer.Option(32, help="Labelled (answer) tokens per sample."),
+    mixed_precision: str = typer.Option("bf16", help="bf16 or no (fp32 compute)."),
+    measure: bool = typer.Option(False, help="Also run one real training step of this model on this machine's CPU (one "
+                                             "process; small presets) and print the measured peak beside the estimate."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (per_gpu_gb is the total)."),
+) -> None:
+    """Per-GPU training memory of a recipe before renting the GPUs: model states and activations by part."""
+    import json
+
+    from crosslmm.bench.memory import describe_estimate, estimate, measure_training_step
+    from crosslmm.checkpoints import CheckpointError
+    from crosslmm.checkpoints.params import load_config
+
+    if strategy == "zero3":
+        _fail(ValueError("DeepSpeed ZeRO-3 is not shipped: --strategy fsdp shards the same states (FSDP2, ZeRO-3 semantics)"))
+    try:
+        config = load_config(model)
+        if measure:
+            gpus, strategy = 1, "ddp"  # what one CPU process runs
+        result = estimate(config, stage, frames, gpus, strategy, batch, text_tokens, answer_tokens, mixed_precision,
+                          device="cpu" if measure else "cuda")
+        if measure:
+            measured = measure_training_step(config, stage, frames, batch, text_tokens, answer_tokens,
+                                             mixed_precision=mixed_precision)
+            result["measured_peak_gb"] = measured["peak_gb"]
+            result["estimate_error"] = result["per_gpu_gb"] / measured["peak_gb"] - 1
+    except (CheckpointError, ValueError) as err:
+        _fail(err)
+    typer.echo(json.dumps({"model": model, **result}, indent=2) if as_json else describe_estimate(result, model))
+
+
 @bench_app.command("efficiency")
 def bench_efficiency(
     preset: str = typer.Option("reduced", help="Model shapes: crosslmm-2b, crosslmm-7b, reduced, tiny."),

@@ -104,3 +104,26 @@ def _run_failing(args: list[str]) -> str:
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0
     return str(result.exception)
+
+
+def test_fsdp_units_are_every_vit_and_decoder_layer_and_none_is_split(workspace):  # noqa: F811
+    from crosslmm import CrossLMMForCausalLM
+    from crosslmm.train.distributed import wrap_units
+
+    model = CrossLMMForCausalLM.from_pretrained(workspace / "init")
+    units = wrap_units(model)
+    layers = model.config.num_vision_layers_used + model.config.text_config.num_hidden_layers
+    assert len(units) == layers and {type(u).__name__ for u in units} == {
+        "SiglipEncoderLayer", "Qwen2DecoderLayer", "DCALDecoderLayer"}
+    assert {type(u).__name__ for u in units} <= set(model._no_split_modules)
+
+
+def test_workers_ship_uint8_frames_that_normalise_to_the_same_pixels(workspace):  # noqa: F811
+    from crosslmm.data.processor import CrossLMMProcessor
+
+    processor = CrossLMMProcessor.from_pretrained(workspace / "init", num_frames=2)
+    record = json.loads((workspace / "data" / "train.json").read_text())[0]
+    floats = processor.encode_record(record, workspace / "data")["pixel_values"]
+    raw = processor.encode_record(record, workspace / "data", uint8_pixels=True)["pixel_values"]
+    assert raw.dtype == torch.uint8 and raw.numel() * 4 == floats.numel() * floats.element_size()
+    assert torch.equal(processor.frame_processor.normalize(raw), floats)

@@ -409,3 +409,58 @@ def test_processor_output_layout():
     assert float(pixels[:, 0].min()) == 1.0 and float(pixels[:, 1:].max()) == -1.0
     with pytest.raises(ValueError, match="uint8"):
         FrameProcessor.from_vision_config(8, "siglip")(frames.astype(np.float32))
+
+
+# --------------------------------------------------------------------------- seeking in long videos
+
+
+def counter_frame(i: int, width: int, height: int) -> np.ndarray:
+    """Frame i's number in 10 bits, one 4-pixel-wide column per bit: readable after lossy coding."""
+    frame = np.full((height, width, 3), 20, dtype=np.uint8)
+    for bit in range(10):
+        if i >> bit & 1:
+            frame[:, bit * 4:bit * 4 + 4] = 235
+    return frame
+
+
+def counter_indices(clip) -> list[int]:
+    return [sum(1 << bit for bit in range(10) if f[:, bit * 4:bit * 4 + 4].mean() > 128) for f in clip.frames]
+
+
+@pytest.mark.parametrize("extension, codec, options", [
+    pytest.param("mp4", "libx264", {"g": "25", "bf": "2"}, marks=needs("libx264"), id="mp4-h264-bframes"),
+    pytest.param("mkv", "mpeg4", {"g": "25"}, marks=needs("mpeg4"), id="mkv-mpeg4"),
+    pytest.param("webm", "libvpx-vp9", {"g": "25"}, marks=needs("libvpx-vp9"), id="webm-vp9"),
+])
+def test_a_long_video_is_sampled_by_seeking_to_the_same_frames(tmp_path, monkeypatch, extension, codec, options):
+    from crosslmm.data import video
+
+    path = tmp_path / f"long.{extension}"
+    times_ms = [40 * i for i in range(600)]  # 24 s at 25 fps, a keyframe every second
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=25, options=options)
+        stream.width, stream.height, stream.pix_fmt = 48, 16, "yuv420p"
+        stream.codec_context.time_base = MS
+        for i, pts in enumerate(times_ms):
+            frame = av.VideoFrame.from_ndarray(counter_frame(i, 48, 16), format="rgb24")
+            frame.pts, frame.time_base = pts, MS
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    decoded = []
+    real_decode = video._decoded_frames
+
+    def counting(*args):
+        for frame in real_decode(*args):
+            decoded.append(frame.pts)
+            yield frame
+
+    monkeypatch.setattr(video, "_decoded_frames", counting)
+    sought = load_video(path, 8)
+    seeking_decodes = len(decoded)
+    monkeypatch.setattr(video, "SEEK_MIN_GAP", 10**9)  # never seek: decode every frame up to the last target
+    decoded.clear()
+    straight = load_video(path, 8)
+    assert counter_indices(sought) == sought.frame_indices == sample_frame_indices(600, 8)
+    assert sought.frame_indices == straight.frame_indices and sought.timestamps == straight.timestamps
+    assert np.array_equal(sought.frames, straight.frames)
+    assert seeking_decodes < len(decoded) / 2  # it did skip most of the file

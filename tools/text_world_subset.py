@@ -5,7 +5,9 @@ the language model can learn a lookup at all (docs/synthetic.md, "the learning r
     python3 tools/text_world_subset.py motion 12500 runs/diag/all.json --last 300 --out-last runs/diag/heldout.json
     python3 tools/text_world_subset.py motion 12000 runs/diag/motion_mc.json --form mc   # the option-letter hop
 
-`motion`: only the caption's motion sentence as context; `full`: the whole caption. One
+`motion`: only the caption's motion sentence as context; `full`: the whole caption;
+`given`: the answer itself ("The answer is left."), which with `--form mc` leaves only
+the option-letter hop. One
 `motion_direction` short-answer question per scene (the families' single-hop lookup:
 find "<colour> <shape>" in the motion sentence, answer the next word). Records are the
 text world's (`crosslmm.synth.world.text_world_records`). `--form mc` asks the same
@@ -32,7 +34,11 @@ def subset(context: str, scenes: int, seed: int = 0, form: str = "short") -> lis
             if (meta["type"], meta["form"]) != ("motion_direction", form):
                 continue
             question = human["value"].split("\n", 1)[1] if j == 0 else human["value"]
-            text = caption if context == "full" else "Video description: motion:" + caption.split("motion:")[1]
+            if context == "given":  # the answer itself as the context: only the option-letter hop is left
+                options = dict(line.split(". ", 1) for line in question.split("\n") if line[:3] in ("A. ", "B. ", "C. ", "D. "))
+                text = f"The answer is {options.get(gpt['value'], gpt['value'])}."
+            else:
+                text = caption if context == "full" else "Video description: motion:" + caption.split("motion:")[1]
             rows.append({"id": f"{record['id']}_{j}", "type": "text_world", "questions": [meta], "conversations": [
                 {"from": "human", "value": text + "\n" + question}, {"from": "gpt", "value": gpt["value"]}]})
     return rows
@@ -40,7 +46,7 @@ def subset(context: str, scenes: int, seed: int = 0, form: str = "short") -> lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("context", choices=["motion", "full"])
+    parser.add_argument("context", choices=["motion", "full", "given"])
     parser.add_argument("scenes", type=int)
     parser.add_argument("out")
     parser.add_argument("--form", choices=["short", "mc", "both"], default="short",
