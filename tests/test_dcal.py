@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -143,3 +145,42 @@ def test_loss_is_next_token_cross_entropy_on_answer_tokens_only():
     expected = torch.nn.functional.cross_entropy(logits[-3:-1], torch.tensor([9, 10]))
     torch.testing.assert_close(out.loss, expected)
     assert (out.labels[0, :-2] == -100).all() and out.labels[0, -2:].tolist() == [9, 10]
+
+
+@pytest.mark.parametrize("v2v_scope", ["frame", "video"])
+def test_a_batch_mixing_images_videos_and_text_attends_without_padded_keys(monkeypatch, v2v_scope):
+    """Stage 2's mixture in one batch: an image (1 frame), a 4-frame video, a text-only
+    sample. Each sample's logits equal the sample alone, and no cross-attention call
+    attends over more frames than its own sample has (no padded keys, so no mask)."""
+    import crosslmm.model.cross_attention as cross_attention
+
+    model = tiny_model(v2v_scope=v2v_scope)
+    set_gates(model)
+    samples = [(torch.tensor([5, MEDIA, 6, 7, 8]), frames(1, seed=3)),
+               (torch.tensor([5, 6, MEDIA, 7]), frames(4, seed=4)),
+               (torch.tensor([9, 10, 11]), None)]
+    with torch.no_grad():
+        alone = [model(ids[None], pixel_values=pixels, media_num_frames=torch.tensor([] if pixels is None else
+                                                                                      [len(pixels)], dtype=torch.long)
+                       ).logits[0] for ids, pixels in samples]
+    width = max(len(ids) for ids, _ in samples)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for row, (sample, _) in enumerate(samples):
+        ids[row, :len(sample)], mask[row, :len(sample)] = sample, 1
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, value, attn_mask=None, **kwargs):
+        calls.append((key.shape[2], attn_mask is not None))
+        return real(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    # The cross-attentions' calls only (the LLM's self-attention uses the same function).
+    monkeypatch.setattr(cross_attention, "F", types.SimpleNamespace(scaled_dot_product_attention=recording))
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask, pixel_values=torch.cat([samples[0][1], samples[1][1]]),
+                        media_num_frames=torch.tensor([1, 4])).logits
+    for row, logits in enumerate(alone):
+        torch.testing.assert_close(batched[row, :len(logits)], logits, atol=1e-5, rtol=1e-4)
+    n = model.vision_tower.original_tokens_per_frame
+    assert calls and {keys for keys, _ in calls} <= {n, 4 * n} and not any(masked for _, masked in calls)

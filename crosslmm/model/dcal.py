@@ -59,12 +59,40 @@ class CrossAttentionGroups:
         # read the keys as a view instead of a gathered copy.
         in_order = torch.arange(self.key_frames.numel(), device=self.key_frames.device)
         self.frames_in_order = bool((self.key_frames.reshape(-1) == in_order).all())
+        self._by_key_count: list[CrossAttentionGroups] | None = None
+
+    def by_key_count(self) -> list[CrossAttentionGroups]:
+        """The groups split by how many key frames they have, each part without padded
+        keys or padded query columns. A batch that mixes images (1 frame) and videos (64)
+        would otherwise attend every image's text over 64 frames of padded keys, behind a
+        mask copied per query head; per part there is usually no mask at all. Groups
+        without keys (text-only samples) add nothing and are dropped. One part, `self`,
+        when every group has the same number of frames. Built once per forward."""
+        if self._by_key_count is None:
+            counts = (self.key_frames >= 0).sum(dim=1)
+            distinct = counts.unique().tolist()
+            if len(distinct) == 1:
+                self._by_key_count = [self]
+            else:
+                parts = []
+                for count in distinct:
+                    if count == 0:
+                        continue
+                    rows = (counts == count).nonzero().squeeze(1)
+                    query_index = self.query_index[rows]
+                    columns = (query_index >= 0).any(dim=0)
+                    parts.append(CrossAttentionGroups(query_index[:, columns], self.key_frames[rows, :count],
+                                                      self.visible_frames[rows][:, columns].clamp(max=count)))
+                self._by_key_count = parts
+        return self._by_key_count
 
     def to(self, device: torch.device | str) -> "CrossAttentionGroups":
         """The same groups on another device, flags kept as computed here (so a layout
         built from real ids on the CPU can drive a model on the meta device)."""
         moved = object.__new__(CrossAttentionGroups)
         moved.__dict__.update({k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()})
+        moved._by_key_count = None if self._by_key_count is None or self._by_key_count == [self] else [
+            part.to(device) for part in self._by_key_count]
         return moved
 
     def key_mask(self, original_tokens_per_frame: int) -> torch.Tensor | None:
@@ -183,18 +211,23 @@ class DCALDecoderLayer(GradientCheckpointingLayer):
 
         if self.v2v is not None and ctx.v2v is not None:
             key, value = self.v2v.project_key_value(ctx.originals)
-            flat = _scatter_update(flat, self.v2v, ctx.v2v, ctx.v2v.gather_keys(key), ctx.v2v.gather_keys(value), ctx)
+            for part in ctx.v2v.by_key_count():
+                flat = _scatter_update(flat, self.v2v, part, part.gather_keys(key), part.gather_keys(value), ctx)
 
         if self.t2v is not None and ctx.t2v is not None:
-            cached = ctx.cross_attention_cache.key_value.get(self.layer_idx) if ctx.cross_attention_cache is not None else None
-            if cached is None:
-                if ctx.originals is None:
-                    raise ValueError("a decode step needs the cross-attention cache filled at prefill")
+            cache = ctx.cross_attention_cache
+            cached = cache.key_value.get(self.layer_idx) if cache is not None else None
+            if cached is None and ctx.originals is None:
+                raise ValueError("a decode step needs the cross-attention cache filled at prefill")
+            if cache is None:  # training or a plain forward: nothing to keep, split by key count
                 key, value = self.t2v.project_key_value(ctx.originals)
-                cached = (ctx.t2v.gather_keys(key), ctx.t2v.gather_keys(value))
-                if ctx.cross_attention_cache is not None:
-                    ctx.cross_attention_cache.key_value[self.layer_idx] = cached
-            flat = _scatter_update(flat, self.t2v, ctx.t2v, *cached, ctx)
+                for part in ctx.t2v.by_key_count():
+                    flat = _scatter_update(flat, self.t2v, part, part.gather_keys(key), part.gather_keys(value), ctx)
+            else:  # generation: keys and values computed at prefill, read by every decode step
+                if cached is None:
+                    key, value = self.t2v.project_key_value(ctx.originals)
+                    cached = cache.key_value[self.layer_idx] = (ctx.t2v.gather_keys(key), ctx.t2v.gather_keys(value))
+                flat = _scatter_update(flat, self.t2v, ctx.t2v, *cached, ctx)
 
         return flat.view(batch, length, dim)
 
