@@ -59,7 +59,7 @@ class CrossAttentionGroups:
         # read the keys as a view instead of a gathered copy.
         in_order = torch.arange(self.key_frames.numel(), device=self.key_frames.device)
         self.frames_in_order = bool((self.key_frames.reshape(-1) == in_order).all())
-        self._by_key_count: list[CrossAttentionGroups] | None = None
+        self._parts = self._split_by_key_count()
 
     def by_key_count(self) -> list[CrossAttentionGroups]:
         """The groups split by how many key frames they have, each part without padded
@@ -67,32 +67,32 @@ class CrossAttentionGroups:
         would otherwise attend every image's text over 64 frames of padded keys, behind a
         mask copied per query head; per part there is usually no mask at all. Groups
         without keys (text-only samples) add nothing and are dropped. One part, `self`,
-        when every group has the same number of frames. Built once per forward."""
-        if self._by_key_count is None:
-            counts = (self.key_frames >= 0).sum(dim=1)
-            distinct = counts.unique().tolist()
-            if len(distinct) == 1:
-                self._by_key_count = [self]
-            else:
-                parts = []
-                for count in distinct:
-                    if count == 0:
-                        continue
-                    rows = (counts == count).nonzero().squeeze(1)
-                    query_index = self.query_index[rows]
-                    columns = (query_index >= 0).any(dim=0)
-                    parts.append(CrossAttentionGroups(query_index[:, columns], self.key_frames[rows, :count],
-                                                      self.visible_frames[rows][:, columns].clamp(max=count)))
-                self._by_key_count = parts
-        return self._by_key_count
+        when every group has the same number of frames."""
+        return self._parts if self._parts is not None else [self]
+
+    def _split_by_key_count(self) -> list[CrossAttentionGroups] | None:
+        """The parts, computed once where the layout is built (None: one part, `self`)."""
+        counts = (self.key_frames >= 0).sum(dim=1)
+        distinct = counts.unique().tolist()
+        if len(distinct) == 1:
+            return None
+        parts = []
+        for count in distinct:
+            if count == 0:
+                continue
+            rows = (counts == count).nonzero().squeeze(1)
+            query_index = self.query_index[rows]
+            columns = (query_index >= 0).any(dim=0)
+            parts.append(CrossAttentionGroups(query_index[:, columns], self.key_frames[rows, :count],
+                                              self.visible_frames[rows][:, columns].clamp(max=count)))
+        return parts
 
     def to(self, device: torch.device | str) -> "CrossAttentionGroups":
         """The same groups on another device, flags kept as computed here (so a layout
         built from real ids on the CPU can drive a model on the meta device)."""
         moved = object.__new__(CrossAttentionGroups)
         moved.__dict__.update({k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()})
-        moved._by_key_count = None if self._by_key_count is None or self._by_key_count == [self] else [
-            part.to(device) for part in self._by_key_count]
+        moved._parts = None if self._parts is None else [part.to(device) for part in self._parts]
         return moved
 
     def key_mask(self, original_tokens_per_frame: int) -> torch.Tensor | None:
