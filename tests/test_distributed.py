@@ -28,8 +28,8 @@ def _torchrun(args: list[str], port: int) -> None:
 
 def _fsdp_args(workspace: Path, out: Path, **overrides) -> list[str]:
     # 2 processes x 1 sample x 2 micro-batches: the same global batch of 4 as the single process.
-    return _args(workspace, "stage2.yaml", out, max_steps=4, epochs=2, per_device_batch_size=1,
-                 **{"distributed.strategy": "fsdp", **STAGE2, **overrides})
+    settings = {"max_steps": 4, "epochs": 2, "per_device_batch_size": 1, "distributed.strategy": "fsdp", **STAGE2}
+    return _args(workspace, "stage2.yaml", out, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +127,13 @@ def test_workers_ship_uint8_frames_that_normalise_to_the_same_pixels(workspace):
     raw = processor.encode_record(record, workspace / "data", uint8_pixels=True)["pixel_values"]
     assert raw.dtype == torch.uint8 and raw.numel() * 4 == floats.numel() * floats.element_size()
     assert torch.equal(processor.frame_processor.normalize(raw), floats)
+
+
+def test_fsdp_in_bf16_computes_in_bf16_and_keeps_float32_masters(workspace, tmp_path):  # noqa: F811
+    out = tmp_path / "bf16"
+    _torchrun(_fsdp_args(workspace, out, mixed_precision="bf16", max_steps=3, **{"optim.learning_rate": 1e-3}),
+              port=29544)
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    shard = load_file(out / "checkpoints" / "step-0000003" / "trainable-rank1.safetensors")
+    assert {v.dtype for v in shard.values()} == {torch.float32}  # the optimizer's masters, never bf16
