@@ -25,9 +25,7 @@ the 7B figures are then the same arithmetic at the 7B shapes.
 
 from __future__ import annotations
 
-import math
 import weakref
-from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -45,9 +43,8 @@ class TensorMemoryTracker(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.current = self.peak = 0
-        self._live: dict[int, int] = {}  # id of the storage's weakref -> bytes
-        self._refs: set = set()
-        self._seen_ptrs: dict[int, int] = {}  # data_ptr -> weakref id, to count shared storages once
+        self._refs: set = set()  # weak references to the live storages (their callbacks subtract the bytes)
+        self._seen_ptrs: set[int] = set()  # data pointers of live storages: a shared storage counts once
 
     def track(self, tensors) -> None:
         for tensor in tensors:
@@ -64,12 +61,12 @@ class TensorMemoryTracker(TorchDispatchMode):
 
         def freed(ref, pointer=pointer, size=size) -> None:
             self._refs.discard(ref)
-            self._seen_ptrs.pop(pointer, None)
+            self._seen_ptrs.discard(pointer)
             self.current -= size
 
         ref = weakref.ref(storage, freed)
         self._refs.add(ref)
-        self._seen_ptrs[pointer] = id(ref)
+        self._seen_ptrs.add(pointer)
         self.current += size
         self.peak = max(self.peak, self.current)
 

@@ -186,6 +186,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
                desc="train")
     meter = Meter(start_step=progress.step)
     for epoch, batch_in_epoch, loaded in rank_batches(run, progress):
+        if progress.step >= run.total_steps:  # resumed from the last step: nothing left to train
+            break
         loss = train_step(run, loaded, meter)
         progress.step, progress.epoch, progress.batch_in_epoch = progress.step + 1, epoch, batch_in_epoch
         bar.update(1)
