@@ -12,6 +12,8 @@ Only fixed square outputs are supported: the vision tower reads a fixed patch gr
 
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 from collections.abc import Mapping
@@ -170,10 +172,14 @@ class FrameProcessor:
         once with transformers' arithmetic (`_values`): the same numbers on every device."""
         if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != 3:
             raise ValueError(f"expected (T, 3, S, S) uint8 pixels, got {tuple(pixels.shape)} {pixels.dtype}")
-        table = torch.from_numpy(self._values(np.tile(np.arange(256, dtype=np.uint8)[:, None], (1, 3)))).T
-        table = table.contiguous().to(pixels.device)  # (3, 256)
+        table = self._byte_table.to(pixels.device)  # (3, 256)
         channel = torch.arange(3, device=pixels.device).view(1, 3, 1, 1)
         return table[channel, pixels.long()]
+
+    @functools.cached_property
+    def _byte_table(self) -> torch.Tensor:
+        """(3, 256) float32: each channel's value for each byte, computed once per processor."""
+        return torch.from_numpy(self._values(np.tile(np.arange(256, dtype=np.uint8)[:, None], (1, 3)))).T.contiguous()
 
     def _geometry(self, frame: np.ndarray) -> np.ndarray:
         """Resize then crop, on uint8 with PIL, as the transformers PIL backend does."""
