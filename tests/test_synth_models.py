@@ -113,7 +113,9 @@ def test_ablation_runner_end_to_end_and_resumes(tmp_path):
         "data: {n: 20, seed: 1, questions_per_video: 2}\n"  # 2 held-out videos, 4 questions
 
         "vision: {scenes: 6, steps: 2, batch_frames: 16}\n"
-        f"text_base: {{scenes: 8, recipe: {REPO / 'configs/synth/text.yaml'}, train_overrides: [max_steps=2, per_device_batch_size=2]}}\n"
+        f"text_base: {{letter_hop_scenes: 8, letter_hop_overrides: [max_steps=2, save_every=1, per_device_batch_size=2], "
+        f"scenes: 8, recipe: {REPO / 'configs/synth/text.yaml'}, train_overrides: [max_steps=2, per_device_batch_size=2], "
+        "probe_scenes: 2, probe_every: 2}\n"
         "caption_t2v: true\n"
         f"caption_recipe: {REPO / 'configs/synth/captions.yaml'}\n"
         f"recipe: {REPO / 'configs/synth/llm.yaml'}\n"
@@ -144,7 +146,9 @@ def test_ablation_runner_end_to_end_and_resumes(tmp_path):
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     # Every variant starts from the one text-pretrained LLM (stage 0), and with caption_t2v
     # the caption stage of `both` already trains T2V.
-    base = load_file(tmp_path / "run" / "text_base" / "train" / "model" / "model.safetensors")
+    base = load_file(tmp_path / "run" / "text_base" / "text_world" / "train" / "model" / "model.safetensors")
+    hop = tmp_path / "run" / "text_base" / "letter_hop"
+    assert [json.loads(line)["step"] for line in (hop / "train" / "probe.jsonl").read_text().splitlines()] == [2]
     for name in ("pooled", "both"):
         init = load_file(tmp_path / "run" / "variants" / name / "init" / "model.safetensors")
         assert all(torch.equal(init[k], base[k]) for k in base if k.startswith("language_model."))
@@ -156,6 +160,17 @@ def test_ablation_runner_end_to_end_and_resumes(tmp_path):
     before = result.stat().st_mtime_ns
     run_ablations(load_ablation_config(yaml), only=["pooled"])
     assert result.stat().st_mtime_ns == before
+
+    # Raising the letter hop's max_steps continues it from its last checkpoint, and the
+    # text-world step after it is trained again from the new model.
+    from crosslmm.synth.ablations import prepare_text_base
+
+    text_world = tmp_path / "run" / "text_base" / "text_world" / "train" / "model" / "model.safetensors"
+    config = load_ablation_config(yaml, ["text_base.letter_hop_overrides=[max_steps=3,save_every=1,per_device_batch_size=2]"])
+    before = text_world.stat().st_mtime_ns
+    prepare_text_base(config, tmp_path / "run" / "data", tmp_path / "run" / "text_base", threads=1)
+    assert [json.loads(line)["step"] for line in (hop / "train" / "probe.jsonl").read_text().splitlines()] == [2, 3]
+    assert text_world.stat().st_mtime_ns != before
 
 
 def test_novel_caption_words_name_each_sprite_once_and_every_move(data):
@@ -219,6 +234,31 @@ def test_text_world_records_carry_the_scene_as_text_and_never_a_dataset_scene():
         assert turned["conversations"][0]["value"] == CAPTION_PROMPT
         assert turned["conversations"][1]["value"] == plain["conversations"][0]["value"].split("\n", 1)[0][len(TEXT_WORLD_PREFIX):]
         assert turned["conversations"][3:] == plain["conversations"][1:]
+    later = text_world_records(0, 2, first=3)  # `first` names the scenes (the balancing starts afresh)
+    assert [r["conversations"][0]["value"].split("\n")[0] for r in later] == [
+        r["conversations"][0]["value"].split("\n")[0] for r in records[3:]]
+
+
+def test_letter_hop_records_state_the_answer_and_reply_its_letter():
+    from collections import Counter
+
+    from crosslmm.synth.world import FAMILIES, LETTER_HOP_PREFIX, letter_hop_records
+
+    records = letter_hop_records(0, 60)
+    families, letters = Counter(), Counter()
+    for record in records:
+        (human, gpt), (meta,) = record["conversations"], record["questions"]
+        stated, question = human["value"].split("\n", 1)
+        assert stated.startswith(LETTER_HOP_PREFIX) and "<video>" not in human["value"]
+        options = dict(line.split(". ", 1) for line in question.split("\n")[1:5])
+        assert list(options) == ["A", "B", "C", "D"] and meta["form"] == "mc" and gpt["value"] == meta["answer"]
+        assert options[gpt["value"]] == stated[len(LETTER_HOP_PREFIX):-1]  # the stated answer is the lettered option
+        families[meta["type"]] += 1
+        letters[gpt["value"]] += 1
+    assert set(families) == set(FAMILIES) and max(families.values()) - min(families.values()) <= 1
+    assert max(letters.values()) - min(letters.values()) <= 6
+    probe = letter_hop_records(0, 20, first=60)  # held out: the scenes after the training ones
+    assert not {r["id"] for r in probe} & {r["id"] for r in records} and len(probe) == 20
 
 
 @pytest.mark.parametrize("caption_as_answer", [False, True])

@@ -59,14 +59,24 @@ class VisionSpec:
 
 @dataclass
 class TextBaseSpec:
-    """Stage 0: one language model pretrained on the world as text (captions as context,
-    then questions; `world.text_world_records`), the base every variant starts from, as
-    every paper variant starts from the same pretrained Qwen2.5."""
+    """Stage 0: one language model pretrained on text, the base every variant starts
+    from, as every paper variant starts from the same pretrained Qwen2.5. Up to two
+    text-only steps, in order: the option-letter hop alone (`world.letter_hop_records`,
+    the answer given before its options), then the world as text (captions as context,
+    then questions; `world.text_world_records`)."""
 
-    scenes: int = 0  # text-world conversations to train on; 0: no base, every LLM starts random
+    letter_hop_scenes: int = 0  # letter-hop records to train on; 0: no letter-hop step
+    letter_hop_overrides: list[str] = field(default_factory=list)  # key=value for that step (e.g. max_steps)
+    scenes: int = 0  # text-world conversations to train on; 0: no text-world step
     caption_as_answer: bool = False  # the caption as the assistant's turn (trains caption writing too)
-    recipe: str = "text.yaml"  # relative to the YAML's folder
-    train_overrides: list[str] = field(default_factory=list)  # key=value for the stage-0 run
+    recipe: str = "text.yaml"  # relative to the YAML's folder; both steps
+    train_overrides: list[str] = field(default_factory=list)  # key=value for the text-world step
+    probe_scenes: int = 150  # held-out scenes (never trained on) probed while each step trains
+    probe_every: int = 250  # optimizer steps between probes; 0: none
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.letter_hop_scenes or self.scenes)
 
 
 @dataclass
@@ -160,46 +170,85 @@ def prepare_vision(config: AblationConfig, data: Path, folder: Path) -> Path:
     return folder
 
 
-def prepare_text_base(config: AblationConfig, data: Path, folder: Path) -> Path | None:
+def prepare_text_base(config: AblationConfig, data: Path, folder: Path, threads: int) -> Path | None:
     """Stage 0, once for every variant: a pooled-only model of the preset whose LLM learns
-    the world as text. Returns its model folder (None without a text base). An
-    interrupted run resumes from its last checkpoint; a finished one is reused while its
-    spec is unchanged."""
+    from text alone. Returns its model folder (None without a text base). It needs no
+    pixels, so it runs beside the vision pretraining. An interrupted step resumes from
+    its last checkpoint; finished steps are reused while the spec is unchanged."""
     import torch
 
     from crosslmm.checkpoints.scratch import init_from_scratch
-    from crosslmm.synth.world import text_world_records
+    from crosslmm.synth.world import letter_hop_records, text_world_records
     from crosslmm.train.config import load_train_config
     from crosslmm.train.trainer import train
 
     spec = config.text_base
-    if not spec.scenes:
+    if not spec.enabled:
         return None
-    wanted = {"spec": asdict(spec), "recipe": Path(spec.recipe).read_text(), "seed": config.seed,
-              "data": asdict(config.data), "preset": config.preset, "vocab_size": config.vocab_size}
-    settings_file, model_dir = folder / "settings.json", folder / "train" / "model"
+    wanted = {"recipe": Path(spec.recipe).read_text(), "seed": config.seed, "data": asdict(config.data),
+              "preset": config.preset, "vocab_size": config.vocab_size}
+    settings_file = folder / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != wanted:
-        shutil.rmtree(folder)  # another spec: start over
-    elif settings_file.exists() and all((model_dir / f).exists() for f in ("config.json", "model.safetensors")):
-        return model_dir  # finished with this spec
+        shutil.rmtree(folder)  # another model or recipe: start over
     folder.mkdir(parents=True, exist_ok=True)
     settings_file.write_text(json.dumps(wanted, indent=2))
-    torch.set_num_threads(os.cpu_count() or 1)
-    records = folder / "train_text.json"
-    if not records.exists():
-        d = config.data
-        texts = text_world_records(d.seed, spec.scenes, d.frames, d.size, d.questions_per_video,
-                                   caption_as_answer=spec.caption_as_answer)
-        records.write_text(json.dumps(texts, indent=1) + "\n")
-    init = folder / "init"
-    if not (init / "config.json").exists():
-        init_from_scratch(config.preset, init, _corpus(data), vocab_size=config.vocab_size, seed=config.seed,
+    torch.set_num_threads(threads)
+    d = config.data
+
+    def letter_hop(count: int, first: int) -> list[dict]:
+        return letter_hop_records(d.seed, count, d.frames, d.size, first=first)
+
+    def text_world(count: int, first: int) -> list[dict]:
+        return text_world_records(d.seed, count, d.frames, d.size, d.questions_per_video,
+                                  caption_as_answer=spec.caption_as_answer, first=first)
+
+    model = folder / "init"
+    if not (model / "config.json").exists():
+        init_from_scratch(config.preset, model, _corpus(data), vocab_size=config.vocab_size, seed=config.seed,
                           use_v2v=False, use_t2v=False)
-    resume = ["resume=latest"] if (folder / "train" / "checkpoints" / "latest").exists() else []
-    return Path(train(load_train_config(spec.recipe, [
-        f"model={init}", f"output_dir={folder / 'train'}", f"data.train={records}", f"seed={config.seed}",
-        *spec.train_overrides, *resume,
-    ])))
+    redo = False  # a changed step is trained again, and so is every step after it
+    for name, scenes, make, overrides in (("letter_hop", spec.letter_hop_scenes, letter_hop, spec.letter_hop_overrides),
+                                          ("text_world", spec.scenes, text_world, spec.train_overrides)):
+        step_dir, done = folder / name, folder / name / "train" / "model"
+        # max_steps is left out: raising it continues the step from its last checkpoint
+        # (the recipe's schedule is constant), so a plateau can be trained through later.
+        step_settings = {"scenes": scenes, "overrides": [o for o in overrides if not o.startswith("max_steps=")],
+                         "probe": [spec.probe_scenes, spec.probe_every], "base": str(model),
+                         "caption_as_answer": spec.caption_as_answer if name == "text_world" else None}
+        step_file = step_dir / "settings.json"
+        if redo or (step_file.exists() and json.loads(step_file.read_text()) != step_settings):
+            shutil.rmtree(step_dir, ignore_errors=True)
+            redo = True
+        if not scenes:
+            continue
+        step_dir.mkdir(exist_ok=True)
+        step_file.write_text(json.dumps(step_settings, indent=2))
+        records, heldout = step_dir / "train.json", step_dir / "heldout.json"
+        if not records.exists():
+            heldout.write_text(json.dumps(make(spec.probe_scenes, scenes)) + "\n")  # the scenes after training's
+            records.write_text(json.dumps(make(scenes, 0)) + "\n")
+        latest = step_dir / "train" / "checkpoints" / "latest"
+        wanted_steps = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("max_steps=")]
+        if done.exists() and latest.exists() and wanted_steps and wanted_steps[-1] > _checkpoint_step(latest):
+            shutil.rmtree(done)  # max_steps raised: continue from the last checkpoint
+        if all((done / f).exists() for f in ("config.json", "model.safetensors")):
+            model = done
+            continue
+        probe = [f"probe.every={spec.probe_every}", "probe.kind=text", f"probe.data={heldout}",
+                 f"probe.limit={spec.probe_scenes}"] if spec.probe_every else []
+        model = Path(train(load_train_config(spec.recipe, [
+            f"model={model}", f"output_dir={step_dir / 'train'}", f"data.train={records}", f"seed={config.seed}",
+            *probe, *overrides, *(["resume=latest"] if latest.exists() else []),
+        ])))
+        redo = True  # this step's model is new: the steps after it start from it again
+    return model
+
+
+def _checkpoint_step(latest: Path) -> int:
+    from crosslmm.train.state import resolve_resume
+
+    folder = resolve_resume(latest.parent.parent, "latest")
+    return int(json.loads((folder / "progress.json").read_text())["step"])
 
 
 def _train_config(recipe: str, config: AblationConfig, records: Path, model_dir: Path, output_dir: Path, cache: Path,
@@ -370,16 +419,16 @@ def run_ablations(config: AblationConfig, only: list[str] | None = None) -> dict
     threads = max(1, cores // jobs)
 
     data = prepare_data(config.data, out / "data")
-    vision = prepare_vision(config, data, out / "vision")
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch/accelerate state shared
-    if not _cache_complete(out / "feature_cache", data):
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            pool.submit(_fill_cache, config, data, vision, out, cores).result()
-    if config.text_base.scenes:
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            text_base = pool.submit(prepare_text_base, config, data, out / "text_base").result()
-    else:
-        text_base = None
+    # Stage 0 reads text only: it trains beside the vision pretraining and the cache fill.
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as text_pool:
+        pending_base = text_pool.submit(prepare_text_base, config, data, out / "text_base",
+                                        max(1, cores // 2)) if config.text_base.enabled else None
+        vision = prepare_vision(config, data, out / "vision")
+        if not _cache_complete(out / "feature_cache", data):
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                pool.submit(_fill_cache, config, data, vision, out, max(1, cores - 1 if pending_base else cores)).result()
+        text_base = pending_base.result() if pending_base else None
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {name: pool.submit(run_variant, config, name, data, vision, threads, text_base) for name in names}
         for name in names:  # re-raises a variant's error here

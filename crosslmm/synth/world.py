@@ -786,14 +786,14 @@ TEXT_WORLD_PREFIX = "Video description: "
 
 
 def text_world_records(seed: int, count: int, frames: int = 8, size: int = 64, questions_per_video: int = 6,
-                       caption_as_answer: bool = False) -> list[dict]:
+                       caption_as_answer: bool = False, first: int = 0) -> list[dict]:
     """The world as text only: per fresh scene, its dense caption as the context of a
     multi-turn conversation of its questions, with no media.
 
     A language model pretrained on these already knows the world before it sees pixels
     (the question families, the answer words, option letters, counting, "before"), as
     every CrossLMM variant of the paper starts from one pretrained Qwen2.5. Scenes are
-    drawn from indices `TEXT_WORLD_FIRST_INDEX + i`, so none is a video of the dataset
+    drawn from indices `TEXT_WORLD_FIRST_INDEX + first + i`, so none is a video of the dataset
     (in particular none is a held-out test scene); rendering is never needed, so the
     supply is unlimited and costs nothing but the text.
 
@@ -801,7 +801,7 @@ def text_world_records(seed: int, count: int, frames: int = 8, size: int = 64, q
     (`CAPTION_PROMPT`, as in `caption_record`) before the questions: the loss then also
     trains the model to write captions, a far denser signal than one-word answers."""
     balancer, records = Balancer(), []
-    for i in range(count):
+    for i in range(first, first + count):
         index = TEXT_WORLD_FIRST_INDEX + i
         scene = scene_for(seed, index, frames, size)
         questions = make_questions(scene, np.random.default_rng([seed, 3, index]), questions_per_video, balancer)
@@ -816,6 +816,41 @@ def text_world_records(seed: int, count: int, frames: int = 8, size: int = 64, q
             turns += [{"from": "human", "value": text}, {"from": "gpt", "value": gpt["value"]}]
         records.append({"id": f"text{index:07d}", "type": "text_world", "conversations": turns,
                         "questions": [{k: q[k] for k in ("type", "form", "answer")} for q in questions]})
+    return records
+
+
+LETTER_HOP_PREFIX = "The answer is "
+
+
+def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, first: int = 0) -> list[dict]:
+    """The option-letter hop alone, as text: per fresh scene one multiple-choice question
+    of the world, its answer stated before it ("The answer is up."), the option letter as
+    the reply.
+
+    Every multiple-choice question needs this second hop after the lookup (find the
+    option whose text is the answer, reply its letter), and a small from-scratch language
+    model learns it only after a long plateau at chance (docs/synthetic.md, "the
+    option-letter hop"); with the answer given, nothing else is left to learn, so the
+    plateau is crossed once, in a cheap text-only stage, before any pixels. Families are
+    balanced as in the datasets. Scenes are the text world's (`TEXT_WORLD_FIRST_INDEX +
+    first + i`): never a video of a dataset; `first` keeps a held-out probe apart."""
+    balancer, records = Balancer(), []
+    for i in range(first, first + count):
+        index = TEXT_WORLD_FIRST_INDEX + i
+        rng = np.random.default_rng([seed, 4, index])
+        facts = [fact for fact in scene_facts(scene_for(seed, index, frames, size)) if "mc" in fact.forms]
+        families = sorted({fact.family for fact in facts}, key=FAMILIES.index)
+        family = balancer.least_used(rng, families, lambda f: balancer.families[f])
+        candidates = [fact for fact in facts if fact.family == family]
+        fact = balancer.least_used(rng, candidates, lambda f: balancer.answers[family, "mc", f.answer])
+        balancer.families[family] += 1
+        balancer.answers[family, "mc", fact.answer] += 1
+        record = _mc_record(fact, rng, balancer)
+        question = record["conversations"][0]["value"].replace("<video>\n", "", 1)
+        records.append({"id": f"hop{index:07d}", "type": "text_world", "questions": [
+            {k: record[k] for k in ("type", "form", "answer")}], "conversations": [
+            {"from": "human", "value": f"{LETTER_HOP_PREFIX}{fact.answer}.\n{question}"},
+            {"from": "gpt", "value": record["answer"]}]})
     return records
 
 
