@@ -315,6 +315,26 @@ def test_a_probe_is_written_while_training(data, tmp_path, kind):
     assert all(0.0 <= line[key] <= 1.0 and line["kind"] == kind for line in lines)
 
 
+def test_a_probe_that_reaches_stop_above_ends_the_run_and_exports(data, tmp_path):
+    from crosslmm.synth.world import text_world_records
+    from crosslmm.train.config import load_train_config
+    from crosslmm.train.trainer import train
+
+    corpus = corpus_from_records([data / "train.json", data / "train_captions.json"])
+    init = init_from_scratch("small", tmp_path / "m", corpus, vocab_size=300)
+    (tmp_path / "text.json").write_text(json.dumps(text_world_records(3, 2)))
+    final = train(load_train_config(REPO / "configs/synth/text.yaml", [
+        f"model={init}", f"output_dir={tmp_path / 'run'}", f"data.train={tmp_path / 'text.json'}",
+        "max_steps=6", "per_device_batch_size=1", "save_every=0", "probe.every=2", "probe.kind=text",
+        f"probe.data={tmp_path / 'text.json'}", "probe.limit=1", "probe.stop_above=0.0",  # any score reaches 0
+    ]))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "probe.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2]
+    assert (final / "model.safetensors").exists()
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    assert json.loads((tmp_path / "run" / "checkpoints" / latest / "progress.json").read_text())["step"] == 2
+
+
 def test_a_probe_without_data_is_refused():
     from crosslmm.train.config import load_train_config
 

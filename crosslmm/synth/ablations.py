@@ -73,10 +73,24 @@ class TextBaseSpec:
     train_overrides: list[str] = field(default_factory=list)  # key=value for the text-world step
     probe_scenes: int = 150  # held-out scenes (never trained on) probed while each step trains
     probe_every: int = 250  # optimizer steps between probes; 0: none
+    # A step ends early once its probe reaches this (None: runs to max_steps). Like
+    # max_steps it only says how long: changing it continues a step, never restarts it.
+    stop_above: float | None = None
 
     @property
     def enabled(self) -> bool:
         return bool(self.letter_hop_scenes or self.scenes)
+
+
+@dataclass
+class VariantProbeSpec:
+    """Learning curves of every variant while it trains (`probe.jsonl` beside each
+    stage): caption grounding in stage 1, held-out answers in stage 2. A probe only
+    reads, so it is not part of a variant's settings."""
+
+    every: int = 0  # optimizer steps between probes; 0: none
+    caption_videos: int = 20  # held-out videos whose captions are scored in stage 1
+    questions: int = 120  # the first held-out questions answered in stage 2
 
 
 @dataclass
@@ -97,6 +111,7 @@ class AblationConfig:
     text_base: TextBaseSpec = field(default_factory=TextBaseSpec)
     caption_recipe: str | None = "captions.yaml"  # stage 1 on dense captions (relative to the YAML's folder); null: none
     caption_t2v: bool = False  # T2V on in the caption stage too (the paper: off, Table 2c)
+    probe: VariantProbeSpec = field(default_factory=lambda: VariantProbeSpec())
     recipe: str = "llm.yaml"  # stage 2 on the questions (relative to the YAML's folder)
     train_overrides: list[str] = field(default_factory=list)  # key=value for every variant
     eval_questions: int = 0  # held-out questions scored per variant; 0: all
@@ -228,27 +243,26 @@ def prepare_text_base(config: AblationConfig, data: Path, folder: Path, threads:
             heldout.write_text(json.dumps(make(spec.probe_scenes, scenes)) + "\n")  # the scenes after training's
             records.write_text(json.dumps(make(scenes, 0)) + "\n")
         latest = step_dir / "train" / "checkpoints" / "latest"
-        wanted_steps = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("max_steps=")]
-        if done.exists() and latest.exists() and wanted_steps and wanted_steps[-1] > _checkpoint_step(latest):
+        max_steps = ([int(o.split("=", 1)[1]) for o in overrides if o.startswith("max_steps=")] or [0])[-1]
+        finished = step_dir / "finished.json"  # the max_steps the exported model was trained under
+        if done.exists() and latest.exists() and finished.exists() and max_steps > json.loads(finished.read_text()):
             shutil.rmtree(done)  # max_steps raised: continue from the last checkpoint
         if all((done / f).exists() for f in ("config.json", "model.safetensors")):
             model = done
             continue
         probe = [f"probe.every={spec.probe_every}", "probe.kind=text", f"probe.data={heldout}",
-                 f"probe.limit={spec.probe_scenes}"] if spec.probe_every else []
+                 f"probe.limit={spec.probe_scenes}", f"probe.stop_above={_yaml(spec.stop_above)}"] if spec.probe_every else []
         model = Path(train(load_train_config(spec.recipe, [
             f"model={model}", f"output_dir={step_dir / 'train'}", f"data.train={records}", f"seed={config.seed}",
             *probe, *overrides, *(["resume=latest"] if latest.exists() else []),
         ])))
+        finished.write_text(json.dumps(max_steps))
         redo = True  # this step's model is new: the steps after it start from it again
     return model
 
 
-def _checkpoint_step(latest: Path) -> int:
-    from crosslmm.train.state import resolve_resume
-
-    folder = resolve_resume(latest.parent.parent, "latest")
-    return int(json.loads((folder / "progress.json").read_text())["step"])
+def _yaml(value: Any) -> str:
+    return "null" if value is None else str(value)
 
 
 def _train_config(recipe: str, config: AblationConfig, records: Path, model_dir: Path, output_dir: Path, cache: Path,
@@ -339,10 +353,17 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
         extra = [f"model_overrides.use_t2v={str(caption_t2v).lower()}"]
         if caption_t2v:
             extra.append("optim.trainable=[projector,llm,v2v,t2v]")
+        if config.probe.every:
+            extra += [f"probe.every={config.probe.every}", "probe.kind=captions", f"probe.data={data}",
+                      f"probe.limit={config.probe.caption_videos}"]
         model_dir = train(_train_config(config.caption_recipe, config, data / "train_captions.json", init,
                                         out / "stage1", cache, extra))
+    extra = [f"model_overrides.use_t2v={str(use_t2v).lower()}"]
+    if config.probe.every:
+        extra += [f"probe.every={config.probe.every}", "probe.kind=questions", f"probe.data={data / 'test.json'}",
+                  f"probe.limit={config.probe.questions}"]
     final = train(_train_config(config.recipe, config, data / "train_multiturn.json", model_dir, out / "train", cache,
-                                [f"model_overrides.use_t2v={str(use_t2v).lower()}"]))
+                                extra))
     train_seconds = time.perf_counter() - started
 
     model, processor = load(final)

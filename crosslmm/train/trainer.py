@@ -185,6 +185,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     bar = tqdm(total=run.total_steps, initial=progress.step, disable=not run.accelerator.is_local_main_process,
                desc="train")
     meter = Meter(start_step=progress.step)
+    stopped_by_probe = False
     for epoch, batch_in_epoch, loaded in rank_batches(run, progress):
         if progress.step >= run.total_steps:  # resumed from the last step: nothing left to train
             break
@@ -197,7 +198,12 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
             log_metrics(run, progress.step, loss, meter)
             bar.set_postfix(loss=f"{loss:.4f}")
         if config.probe.every and (progress.step % config.probe.every == 0 or progress.step == run.total_steps):
-            run_probe(run, progress.step)
+            probed = run_probe(run, progress.step)
+            reached = config.probe.stop_above is not None and probed >= config.probe.stop_above
+            if reached and progress.step < run.total_steps:
+                log.info("probe reached %.3f >= stop_above %.3f at step %d: stopping", probed,
+                         config.probe.stop_above, progress.step)
+                finishing = stopped_by_probe = True
         if (config.save_every and progress.step % config.save_every == 0) or finishing:
             checkpoint(run, progress)
         if finishing:
@@ -207,7 +213,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
         check_ranks_in_sync(run.trainable, run.accelerator, output_dir)
 
     final = output_dir / "model"
-    if progress.step == run.total_steps:
+    if progress.step == run.total_steps or stopped_by_probe:
         export_model(run.parallel, run.processor, final, config.export_dtype)
     run.accelerator.end_training()  # also tears down the process group: last
     return final
@@ -382,13 +388,17 @@ def checkpoint(run: Run, progress: Progress) -> None:
         prune_checkpoints(checkpoints, run.config.keep_checkpoints)
 
 
-def run_probe(run: Run, step: int) -> None:
-    """The recipe's probe, appended to `probe.jsonl` by the main process. Under FSDP every
-    process runs it (each forward gathers weights from all of them); under DDP the main
-    process runs it alone and the others wait."""
+def run_probe(run: Run, step: int) -> float:
+    """The recipe's probe, appended to `probe.jsonl` by the main process; returns its
+    headline (`all`; captions: `video/all`) on every process. Under FSDP every process runs it (each forward gathers
+    weights from all of them); under DDP the main process runs it alone and the others
+    wait."""
+    from accelerate.utils import broadcast_object_list
+
     from crosslmm.synth.evaluate import probe
 
     config, accelerator = run.config, run.accelerator
+    scores = {"all": 0.0}
     if accelerator.is_main_process or run.parallel.sharded:
         with run.parallel.evaluating() as model:
             started = time.perf_counter()
@@ -399,6 +409,8 @@ def run_probe(run: Run, step: int) -> None:
                 f.write(json.dumps(line) + "\n")
             log.info("probe at step %d: %s", step, {k: round(v, 3) for k, v in scores.items() if "/" not in k})
     accelerator.wait_for_everyone()
+    headline = float(scores["all"] if "all" in scores else scores["video/all"])  # captions: read with the right video
+    return float(broadcast_object_list([headline])[0]) if run.world > 1 else headline
 
 
 class CollateIndices:
