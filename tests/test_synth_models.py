@@ -239,6 +239,18 @@ def test_text_world_records_carry_the_scene_as_text_and_never_a_dataset_scene():
         r["conversations"][0]["value"].split("\n")[0] for r in records[3:]]
 
 
+def test_a_text_base_step_trains_on_when_asked_for_more_steps_or_a_higher_probe():
+    from crosslmm.synth.ablations import _longer
+
+    trained = {"max_steps": 1000, "stop_above": 0.9}
+    assert _longer({"max_steps": 2000, "stop_above": 0.9}, trained)
+    assert _longer({"max_steps": 1000, "stop_above": 0.95}, trained)
+    assert _longer({"max_steps": 1000, "stop_above": None}, trained)
+    assert not _longer({"max_steps": 1000, "stop_above": 0.9}, trained)
+    assert not _longer({"max_steps": 500, "stop_above": 0.8}, trained)
+    assert not _longer({"max_steps": 1000, "stop_above": 0.5}, {"max_steps": 1000, "stop_above": None})
+
+
 def test_letter_hop_records_state_the_answer_and_reply_its_letter():
     from collections import Counter
 

@@ -111,7 +111,7 @@ class AblationConfig:
     text_base: TextBaseSpec = field(default_factory=TextBaseSpec)
     caption_recipe: str | None = "captions.yaml"  # stage 1 on dense captions (relative to the YAML's folder); null: none
     caption_t2v: bool = False  # T2V on in the caption stage too (the paper: off, Table 2c)
-    probe: VariantProbeSpec = field(default_factory=lambda: VariantProbeSpec())
+    probe: VariantProbeSpec = field(default_factory=VariantProbeSpec)
     recipe: str = "llm.yaml"  # stage 2 on the questions (relative to the YAML's folder)
     train_overrides: list[str] = field(default_factory=list)  # key=value for every variant
     eval_questions: int = 0  # held-out questions scored per variant; 0: all
@@ -244,25 +244,30 @@ def prepare_text_base(config: AblationConfig, data: Path, folder: Path, threads:
             records.write_text(json.dumps(make(scenes, 0)) + "\n")
         latest = step_dir / "train" / "checkpoints" / "latest"
         max_steps = ([int(o.split("=", 1)[1]) for o in overrides if o.startswith("max_steps=")] or [0])[-1]
-        finished = step_dir / "finished.json"  # the max_steps the exported model was trained under
-        if done.exists() and latest.exists() and finished.exists() and max_steps > json.loads(finished.read_text()):
-            shutil.rmtree(done)  # max_steps raised: continue from the last checkpoint
+        length = {"max_steps": max_steps, "stop_above": spec.stop_above}
+        finished = step_dir / "finished.json"  # how long the exported model was trained
+        if done.exists() and latest.exists() and finished.exists() and _longer(length, json.loads(finished.read_text())):
+            shutil.rmtree(done)  # asked to train longer: continue from the last checkpoint
         if all((done / f).exists() for f in ("config.json", "model.safetensors")):
             model = done
             continue
+        stop_above = "null" if spec.stop_above is None else spec.stop_above
         probe = [f"probe.every={spec.probe_every}", "probe.kind=text", f"probe.data={heldout}",
-                 f"probe.limit={spec.probe_scenes}", f"probe.stop_above={_yaml(spec.stop_above)}"] if spec.probe_every else []
+                 f"probe.limit={spec.probe_scenes}", f"probe.stop_above={stop_above}"] if spec.probe_every else []
         model = Path(train(load_train_config(spec.recipe, [
             f"model={model}", f"output_dir={step_dir / 'train'}", f"data.train={records}", f"seed={config.seed}",
             *probe, *overrides, *(["resume=latest"] if latest.exists() else []),
         ])))
-        finished.write_text(json.dumps(max_steps))
+        finished.write_text(json.dumps(length))
         redo = True  # this step's model is new: the steps after it start from it again
     return model
 
 
-def _yaml(value: Any) -> str:
-    return "null" if value is None else str(value)
+def _longer(wanted: dict, trained: dict) -> bool:
+    """Whether a step asked for `wanted` (max_steps, stop_above) trains on past `trained`."""
+    later_stop = trained["stop_above"] is not None and (wanted["stop_above"] is None
+                                                         or wanted["stop_above"] > trained["stop_above"])
+    return wanted["max_steps"] > trained["max_steps"] or later_stop
 
 
 def _train_config(recipe: str, config: AblationConfig, records: Path, model_dir: Path, output_dir: Path, cache: Path,

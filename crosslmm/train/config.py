@@ -55,8 +55,9 @@ class ProbeConfig:
     kind: str = "questions"  # questions | text | captions (crosslmm.synth.evaluate.probe)
     data: str | None = None  # questions/text: a record file; captions: a synthetic dataset folder
     limit: int = 40  # records (questions, text) or videos (captions) per probe
-    # End the run once the probe's `all` (captions: `video/all`) reaches this (a plateau crossed: docs/synthetic.md,
-    # "the option-letter hop"); the model is exported as after the last step. None: never.
+    # End the run once the probe's `all` (captions: `video/all`) reaches this (a plateau
+    # crossed: docs/synthetic.md, "the option-letter hop"); the model is exported as after
+    # the last step. None: never.
     stop_above: float | None = None
 
 

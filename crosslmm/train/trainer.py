@@ -390,9 +390,9 @@ def checkpoint(run: Run, progress: Progress) -> None:
 
 def run_probe(run: Run, step: int) -> float:
     """The recipe's probe, appended to `probe.jsonl` by the main process; returns its
-    headline (`all`; captions: `video/all`) on every process. Under FSDP every process runs it (each forward gathers
-    weights from all of them); under DDP the main process runs it alone and the others
-    wait."""
+    headline (`all`; captions: `video/all`) on every process. Under FSDP every process
+    runs it (each forward gathers weights from all of them); under DDP the main process
+    runs it alone and the others wait."""
     from accelerate.utils import broadcast_object_list
 
     from crosslmm.synth.evaluate import probe
