@@ -1,6 +1,6 @@
 """Variants of the option-letter hop records (`crosslmm.synth.world.letter_hop_records`),
-to test what shortens its plateau at chance (docs/synthetic.md, "the option-letter hop,
-all families"):
+to test what shortens its plateau at chance (docs/synthetic.md, "the letter hop over all
+families"):
 
     python3 tools/letter_hop_variants.py reverse runs/abl-hop/text_base/letter_hop/train.json runs/diag/hop_rev.json
     python3 tools/letter_hop_variants.py answer-last IN OUT
