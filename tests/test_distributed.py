@@ -74,6 +74,8 @@ def test_a_resumed_fsdp_run_ends_with_the_same_weights_and_exports_a_loadable_mo
     _torchrun(_fsdp_args(workspace, split, **overrides), port=29543)
     whole, resumed = _weights(fsdp_run), _weights(split)
     assert {v.dtype for v in resumed.values()} == {torch.bfloat16}
+    saved = json.loads((split / "model" / "config.json").read_text())
+    assert [saved["dtype"], saved["text_config"]["dtype"], saved["vision_config"]["dtype"]] == ["bfloat16"] * 3
     for key in whole:
         assert torch.equal(whole[key].to(torch.bfloat16), resumed[key]), key  # exact: same layout, same order
 

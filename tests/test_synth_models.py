@@ -144,6 +144,8 @@ def test_ablation_runner_end_to_end_and_resumes(tmp_path):
         json.loads((tmp_path / "run" / "data" / "test.json").read_text()))
     weights = load_file(tmp_path / "default" / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    saved = json.loads((tmp_path / "default" / "config.json").read_text())
+    assert [saved["dtype"], saved["text_config"]["dtype"], saved["vision_config"]["dtype"]] == ["bfloat16"] * 3
     # Every variant starts from the one text-pretrained LLM (stage 0), and with caption_t2v
     # the caption stage of `both` already trains T2V.
     base = load_file(tmp_path / "run" / "text_base" / "text_world" / "train" / "model" / "model.safetensors")
@@ -344,7 +346,26 @@ def test_a_probe_that_reaches_stop_above_ends_the_run_and_exports(data, tmp_path
     assert [line["step"] for line in lines] == [2]
     assert (final / "model.safetensors").exists()
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
-    assert json.loads((tmp_path / "run" / "checkpoints" / latest / "progress.json").read_text())["step"] == 2
+    progress = json.loads((tmp_path / "run" / "checkpoints" / latest / "progress.json").read_text())
+    assert progress["step"] == 2 and progress["stopped_at"] >= 0.0
+
+    def resumed(*overrides: str) -> list[int]:
+        train(load_train_config(tmp_path / "run" / "recipe.yaml", ["resume=latest", *overrides]))
+        return [json.loads(line)["step"] for line in (tmp_path / "run" / "probe.jsonl").read_text().splitlines()]
+
+    assert resumed() == [2]  # the same threshold: still reached, nothing to train
+    assert (final / "model.safetensors").exists()
+    assert resumed("probe.stop_above=null") == [2, 4, 6]  # no threshold: on to max_steps
+
+
+def test_a_resumed_run_drops_the_log_rows_written_after_its_checkpoint(tmp_path):
+    from crosslmm.train.trainer import truncate_logs
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (20, 40, 60)))
+    (tmp_path / "probe.jsonl").write_text(json.dumps({"step": 50, "all": 0.5}) + "\n")
+    truncate_logs(tmp_path, 40)
+    assert [json.loads(r)["step"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [20, 40]
+    assert (tmp_path / "probe.jsonl").read_text() == ""
 
 
 def test_a_probe_without_data_is_refused():

@@ -222,6 +222,13 @@ class CrossLMMConfig(PretrainedConfig):
     def get_text_config(self, *args: Any, **kwargs: Any) -> PretrainedConfig:
         return self.text_config
 
+    def set_dtype(self, dtype: str) -> None:
+        """Record the weights' dtype here and in both nested configs: a reader of the
+        vision or text config alone (or a tool loading the LLM by itself) sees the dtype
+        the weights are saved in, not the one the model was built with."""
+        for config in (self, self.vision_config, self.text_config):
+            config.dtype = dtype
+
     @classmethod
     def baseline(cls, vision_config: PretrainedConfig | dict, text_config: PretrainedConfig | dict, **kwargs: Any) -> "CrossLMMConfig":
         """LLaVA-OneVision's token layout on the CrossLMM code path: 196 tokens per frame,

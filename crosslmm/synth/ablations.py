@@ -494,7 +494,9 @@ def export_default_model(config: AblationConfig, data: Path, result: dict) -> Pa
     if out.exists():
         shutil.rmtree(out)
     model, processor = load(result["model"])
-    model.to(getattr(torch, spec.dtype)).save_pretrained(out)
+    model.to(getattr(torch, spec.dtype))
+    model.config.set_dtype(spec.dtype)
+    model.save_pretrained(out)
     processor.save_pretrained(out)
     exported, exported_processor = load(out)
     assert isinstance(exported, CrossLMMForCausalLM)

@@ -822,7 +822,8 @@ def text_world_records(seed: int, count: int, frames: int = 8, size: int = 64, q
 LETTER_HOP_PREFIX = "The answer is "
 
 
-def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, first: int = 0) -> list[dict]:
+def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, first: int = 0,
+                       families: Sequence[str] | None = None) -> list[dict]:
     """The option-letter hop alone, as text: per fresh scene one multiple-choice question
     of the world, its answer stated before it ("The answer is up."), the option letter as
     the reply.
@@ -832,15 +833,20 @@ def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, f
     model learns it only after a long plateau at chance (docs/synthetic.md, "the
     option-letter hop"); with the answer given, nothing else is left to learn, so the
     plateau is crossed once, in a cheap text-only stage, before any pixels. Families are
-    balanced as in the datasets. Scenes are the text world's (`TEXT_WORLD_FIRST_INDEX +
-    first + i`): never a video of a dataset; `first` keeps a held-out probe apart."""
+    balanced as in the datasets; `families` keeps only those (a scene without one of them
+    gives no record), for a curriculum that crosses the plateau on a few answer words
+    first. Scenes are the text world's (`TEXT_WORLD_FIRST_INDEX + first + i`): never a
+    video of a dataset; `first` keeps a held-out probe apart."""
     balancer, records = Balancer(), []
     for i in range(first, first + count):
         index = TEXT_WORLD_FIRST_INDEX + i
         rng = np.random.default_rng([seed, 4, index])
-        facts = [fact for fact in scene_facts(scene_for(seed, index, frames, size)) if "mc" in fact.forms]
-        families = sorted({fact.family for fact in facts}, key=FAMILIES.index)
-        family = balancer.least_used(rng, families, lambda f: balancer.families[f])
+        facts = [fact for fact in scene_facts(scene_for(seed, index, frames, size))
+                 if "mc" in fact.forms and (families is None or fact.family in families)]
+        if not facts:
+            continue
+        present = sorted({fact.family for fact in facts}, key=FAMILIES.index)
+        family = balancer.least_used(rng, present, lambda f: balancer.families[f])
         candidates = [fact for fact in facts if fact.family == family]
         fact = balancer.least_used(rng, candidates, lambda f: balancer.answers[family, "mc", f.answer])
         balancer.families[family] += 1

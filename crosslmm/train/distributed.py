@@ -119,7 +119,7 @@ def export_model(parallel: ParallelModel, processor, folder: Path, dtype: str) -
         target = getattr(torch, dtype)
         state = {k: v.detach().to("cpu", target if v.is_floating_point() else v.dtype) for k, v in state.items()}
         model = parallel.unwrap()
-        model.config.dtype = dtype
+        model.config.set_dtype(dtype)
         model.save_pretrained(folder, state_dict=state)
         processor.save_pretrained(folder)
     parallel.accelerator.wait_for_everyone()

@@ -58,6 +58,7 @@ class Progress:
     batch_in_epoch: int = 0  # global batches of `epoch` already consumed
     global_batch: int = 0  # the layout the position counts in; resuming must keep it
     world_size: int = 1
+    stopped_at: float | None = None  # the probe headline that ended the run early (probe.stop_above)
 
 
 def load_model(config: TrainConfig) -> CrossLMMForCausalLM:
@@ -179,16 +180,20 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     if run.accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe.yaml").write_text(run.recipe)
+        truncate_logs(output_dir, progress.step)
     run.accelerator.init_trackers("tb")
 
     run.parallel.module.train()
     bar = tqdm(total=run.total_steps, initial=progress.step, disable=not run.accelerator.is_local_main_process,
                desc="train")
     meter = Meter(start_step=progress.step)
-    stopped_by_probe = False
+    # Resumed after an early stop that still holds (stop_above not raised): nothing to train.
+    stopped_by_probe = (progress.stopped_at is not None and config.probe.stop_above is not None
+                        and progress.stopped_at >= config.probe.stop_above)
     for epoch, batch_in_epoch, loaded in rank_batches(run, progress):
-        if progress.step >= run.total_steps:  # resumed from the last step: nothing left to train
+        if progress.step >= run.total_steps or stopped_by_probe:  # resumed with nothing left to train
             break
+        progress.stopped_at = None
         loss = train_step(run, loaded, meter)
         progress.step, progress.epoch, progress.batch_in_epoch = progress.step + 1, epoch, batch_in_epoch
         bar.update(1)
@@ -204,6 +209,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
                 log.info("probe reached %.3f >= stop_above %.3f at step %d: stopping", probed,
                          config.probe.stop_above, progress.step)
                 finishing = stopped_by_probe = True
+                progress.stopped_at = probed
         if (config.save_every and progress.step % config.save_every == 0) or finishing:
             checkpoint(run, progress)
         if finishing:
@@ -276,6 +282,21 @@ def setup(config: TrainConfig) -> Run:
     collate = CollateIndices(dataset, DataCollator(processor.pad_token_id))
     return Run(config, accelerator, parallel, processor, dataset, collate, cache, optimizer, scheduler, trainable,
                global_batch, total_steps, dump_train_config(config))
+
+
+def truncate_logs(output_dir: Path, step: int) -> None:
+    """Drop the rows of metrics.jsonl and probe.jsonl written after `step`: a run resumed
+    from a checkpoint redoes those steps, and its logs should read as one run."""
+    for name in ("metrics.jsonl", "probe.jsonl"):
+        path = output_dir / name
+        if not path.exists():
+            continue
+        rows = path.read_text().splitlines(keepends=True)
+        kept = [row for row in rows if row.strip() and json.loads(row).get("step", 0) <= step]
+        if len(kept) != len(rows):
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
 
 
 def resume(run: Run) -> Progress:
