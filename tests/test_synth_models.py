@@ -273,6 +273,8 @@ def test_letter_hop_records_state_the_answer_and_reply_its_letter():
     assert max(letters.values()) - min(letters.values()) <= 6
     probe = letter_hop_records(0, 20, first=60)  # held out: the scenes after the training ones
     assert not {r["id"] for r in probe} & {r["id"] for r in records} and len(probe) == 20
+    motion = letter_hop_records(0, 40, families=["motion_direction"])  # a curriculum's first step
+    assert motion and {r["questions"][0]["type"] for r in motion} == {"motion_direction"}
 
 
 @pytest.mark.parametrize("caption_as_answer", [False, True])
