@@ -390,6 +390,7 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
         "use_v2v": cfg.use_v2v, "use_t2v": cfg.use_t2v,
         "dcal_every_k": cfg.dcal_every_k if cfg.use_dcal else None,
         "dcal_layers": len(cfg.dcal_layer_indices),
+        "v2v_layers": len(cfg.v2v_layer_indices),  # the final decoder layer's DCAL has none unless v2v_at_last_layer
         "v2v_scope": cfg.v2v_scope if cfg.use_v2v else None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1), "threads": threads,
@@ -547,6 +548,8 @@ def _describe(result: dict) -> str:
         return "none"
     parts = [p for p, on in (("V2V", result["use_v2v"]), ("T2V", result["use_t2v"])) if on]
     scope = f", {result['v2v_scope']}" if result["use_v2v"] else ""
+    if result["use_v2v"] and result.get("v2v_layers") == result["dcal_layers"]:
+        scope += ", V2V in every DCAL"  # the last decoder layer's too (v2v_at_last_layer)
     return f"{'+'.join(parts)} (K={result['dcal_every_k']}{scope})"
 
 
