@@ -113,7 +113,9 @@ def test_ablation_runner_end_to_end_and_resumes(tmp_path):
         "data: {n: 20, seed: 1, questions_per_video: 2}\n"  # 2 held-out videos, 4 questions
 
         "vision: {scenes: 6, steps: 2, batch_frames: 16}\n"
-        f"text_base: {{letter_hop_scenes: 8, letter_hop_overrides: [max_steps=2, save_every=1, per_device_batch_size=2], "
+        "text_base: {letter_hop_first_families: [motion_direction], letter_hop_first_scenes: 8, "
+        "letter_hop_first_overrides: [max_steps=2, per_device_batch_size=2], "
+        f"letter_hop_scenes: 8, letter_hop_overrides: [max_steps=2, save_every=1, per_device_batch_size=2], "
         f"scenes: 8, recipe: {REPO / 'configs/synth/text.yaml'}, train_overrides: [max_steps=2, per_device_batch_size=2], "
         "probe_scenes: 2, probe_every: 2}\n"
         "caption_t2v: true\n"
@@ -151,6 +153,9 @@ def test_ablation_runner_end_to_end_and_resumes(tmp_path):
     base = load_file(tmp_path / "run" / "text_base" / "text_world" / "train" / "model" / "model.safetensors")
     hop = tmp_path / "run" / "text_base" / "letter_hop"
     assert [json.loads(line)["step"] for line in (hop / "train" / "probe.jsonl").read_text().splitlines()] == [2]
+    first = tmp_path / "run" / "text_base" / "letter_hop_first"  # the curriculum's step, before the hop over all families
+    assert {r["questions"][0]["type"] for r in json.loads((first / "train.json").read_text())} == {"motion_direction"}
+    assert json.loads((hop / "settings.json").read_text())["base"] == str(first / "train" / "model")
     for name in ("pooled", "both"):
         init = load_file(tmp_path / "run" / "variants" / name / "init" / "model.safetensors")
         assert all(torch.equal(init[k], base[k]) for k in base if k.startswith("language_model."))

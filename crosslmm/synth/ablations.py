@@ -60,11 +60,16 @@ class VisionSpec:
 @dataclass
 class TextBaseSpec:
     """Stage 0: one language model pretrained on text, the base every variant starts
-    from, as every paper variant starts from the same pretrained Qwen2.5. Up to two
-    text-only steps, in order: the option-letter hop alone (`world.letter_hop_records`,
-    the answer given before its options), then the world as text (captions as context,
-    then questions; `world.text_world_records`)."""
+    from, as every paper variant starts from the same pretrained Qwen2.5. Up to three
+    text-only steps, in order: optionally the option-letter hop on a few families first (a
+    curriculum: few answer words cross its plateau sooner), the option-letter hop over
+    every family (`world.letter_hop_records`, the answer given before its options), then
+    the world as text (captions as context, then questions; `world.text_world_records`)."""
 
+    letter_hop_first_families: list[str] = field(default_factory=list)  # the curriculum's families
+    letter_hop_first_scenes: int = 0  # scenes for that first step; 0: no curriculum
+    letter_hop_first_overrides: list[str] = field(default_factory=list)
+    letter_hop_first_stop_above: float | None = None  # its own early stop (the later steps use stop_above)
     letter_hop_scenes: int = 0  # letter-hop records to train on; 0: no letter-hop step
     letter_hop_overrides: list[str] = field(default_factory=list)  # key=value for that step (e.g. max_steps)
     scenes: int = 0  # text-world conversations to train on; 0: no text-world step
@@ -79,7 +84,7 @@ class TextBaseSpec:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.letter_hop_scenes or self.scenes)
+        return bool(self.letter_hop_first_scenes or self.letter_hop_scenes or self.scenes)
 
 
 @dataclass
@@ -210,6 +215,9 @@ def prepare_text_base(config: AblationConfig, data: Path, folder: Path, threads:
     torch.set_num_threads(threads)
     d = config.data
 
+    def letter_hop_first(count: int, first: int) -> list[dict]:
+        return letter_hop_records(d.seed, count, d.frames, d.size, first=first, families=spec.letter_hop_first_families)
+
     def letter_hop(count: int, first: int) -> list[dict]:
         return letter_hop_records(d.seed, count, d.frames, d.size, first=first)
 
@@ -222,14 +230,19 @@ def prepare_text_base(config: AblationConfig, data: Path, folder: Path, threads:
         init_from_scratch(config.preset, model, _corpus(data), vocab_size=config.vocab_size, seed=config.seed,
                           use_v2v=False, use_t2v=False)
     redo = False  # a changed step is trained again, and so is every step after it
-    for name, scenes, make, overrides in (("letter_hop", spec.letter_hop_scenes, letter_hop, spec.letter_hop_overrides),
-                                          ("text_world", spec.scenes, text_world, spec.train_overrides)):
+    steps = (("letter_hop_first", spec.letter_hop_first_scenes, letter_hop_first, spec.letter_hop_first_overrides,
+              spec.letter_hop_first_stop_above),
+             ("letter_hop", spec.letter_hop_scenes, letter_hop, spec.letter_hop_overrides, spec.stop_above),
+             ("text_world", spec.scenes, text_world, spec.train_overrides, spec.stop_above))
+    for name, scenes, make, overrides, stop_above in steps:
         step_dir, done = folder / name, folder / name / "train" / "model"
         # max_steps is left out: raising it continues the step from its last checkpoint
         # (the recipe's schedule is constant), so a plateau can be trained through later.
         step_settings = {"scenes": scenes, "overrides": [o for o in overrides if not o.startswith("max_steps=")],
                          "probe": [spec.probe_scenes, spec.probe_every], "base": str(model),
                          "caption_as_answer": spec.caption_as_answer if name == "text_world" else None}
+        if name == "letter_hop_first":
+            step_settings["families"] = list(spec.letter_hop_first_families)
         step_file = step_dir / "settings.json"
         if redo or (step_file.exists() and json.loads(step_file.read_text()) != step_settings):
             shutil.rmtree(step_dir, ignore_errors=True)
@@ -244,16 +257,16 @@ def prepare_text_base(config: AblationConfig, data: Path, folder: Path, threads:
             records.write_text(json.dumps(make(scenes, 0)) + "\n")
         latest = step_dir / "train" / "checkpoints" / "latest"
         max_steps = ([int(o.split("=", 1)[1]) for o in overrides if o.startswith("max_steps=")] or [0])[-1]
-        length = {"max_steps": max_steps, "stop_above": spec.stop_above}
+        length = {"max_steps": max_steps, "stop_above": stop_above}
         finished = step_dir / "finished.json"  # how long the exported model was trained
         if done.exists() and latest.exists() and finished.exists() and _longer(length, json.loads(finished.read_text())):
             shutil.rmtree(done)  # asked to train longer: continue from the last checkpoint
         if all((done / f).exists() for f in ("config.json", "model.safetensors")):
             model = done
             continue
-        stop_above = "null" if spec.stop_above is None else spec.stop_above
+        threshold = "null" if stop_above is None else stop_above
         probe = [f"probe.every={spec.probe_every}", "probe.kind=text", f"probe.data={heldout}",
-                 f"probe.limit={spec.probe_scenes}", f"probe.stop_above={stop_above}"] if spec.probe_every else []
+                 f"probe.limit={spec.probe_scenes}", f"probe.stop_above={threshold}"] if spec.probe_every else []
         model = Path(train(load_train_config(spec.recipe, [
             f"model={model}", f"output_dir={step_dir / 'train'}", f"data.train={records}", f"seed={config.seed}",
             *probe, *overrides, *(["resume=latest"] if latest.exists() else []),
