@@ -121,5 +121,7 @@ def export_model(parallel: ParallelModel, processor, folder: Path, dtype: str) -
         model = parallel.unwrap()
         model.config.set_dtype(dtype)
         model.save_pretrained(folder, state_dict=state)
+        model.config.set_dtype(dtype)  # save_pretrained wrote the float32 masters' dtype: record the saved weights'
+        model.config.save_pretrained(folder)
         processor.save_pretrained(folder)
     parallel.accelerator.wait_for_everyone()
