@@ -119,7 +119,6 @@ def export_model(parallel: ParallelModel, processor, folder: Path, dtype: str) -
         target = getattr(torch, dtype)
         state = {k: v.detach().to("cpu", target if v.is_floating_point() else v.dtype) for k, v in state.items()}
         model = parallel.unwrap()
-        model.config.set_dtype(dtype)
         model.save_pretrained(folder, state_dict=state)
         model.config.set_dtype(dtype)  # save_pretrained wrote the float32 masters' dtype: record the saved weights'
         model.config.save_pretrained(folder)
