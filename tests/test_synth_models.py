@@ -102,6 +102,31 @@ def test_init_rejects_a_vision_checkpoint_of_another_shape(tmp_path):
         init_from_scratch("small", tmp_path / "m", ["a b c"], vocab_size=300, vision=tmp_path / "v")
 
 
+def test_a_variant_whose_only_dcal_is_the_last_layer_has_a_valid_caption_stage():
+    # K = 8 of 8 layers: with T2V off for captions, the last layer's V2V alone would be read
+    # by nothing (refused by validation), so the caption stage is pooled-only.
+    from crosslmm.model.configuration import CrossLMMConfig
+    from crosslmm.presets import preset_config
+    from crosslmm.synth.ablations import stage_switches
+
+    def build(config, switches):
+        return CrossLMMConfig(**{**config.to_dict(), **switches})
+
+    k8 = preset_config("small", use_v2v=True, use_t2v=True, dcal_every_k=8)
+    captions, questions = stage_switches(k8, caption_t2v=False)
+    assert captions == {"use_v2v": False, "use_t2v": False} and not build(k8, captions).use_dcal
+    assert questions == {"use_v2v": True, "use_t2v": True}
+    assert build(k8, questions).dcal_layer_indices == [7] and build(k8, questions).v2v_layer_indices == []
+    with pytest.raises(ValueError, match="read by nothing"):
+        build(k8, {"use_t2v": False})  # what turning T2V off alone would ask for
+    assert stage_switches(k8, caption_t2v=True)[0] == {"use_v2v": True, "use_t2v": True}
+    k2 = preset_config("small", use_v2v=True, use_t2v=True, dcal_every_k=2)
+    assert stage_switches(k2, caption_t2v=False)[0] == {"use_v2v": True, "use_t2v": False}
+    t2v = preset_config("small", use_v2v=False, use_t2v=True, dcal_every_k=2)
+    assert stage_switches(t2v, caption_t2v=False) == ({"use_v2v": False, "use_t2v": False},
+                                                      {"use_v2v": False, "use_t2v": True})
+
+
 @pytest.mark.slow
 def test_ablation_runner_end_to_end_and_resumes(tmp_path):
     from crosslmm.synth.ablations import load_ablation_config, run_ablations

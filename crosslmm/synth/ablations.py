@@ -32,12 +32,15 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from crosslmm.synth.world import FAMILIES
+
+if TYPE_CHECKING:
+    from crosslmm.model.configuration import CrossLMMConfig
 
 
 @dataclass
@@ -338,6 +341,7 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
     from crosslmm.checkpoints.scratch import init_from_scratch
     from crosslmm.data.dataset import load_records
     from crosslmm.infer import load
+    from crosslmm.model.configuration import CrossLMMConfig
     from crosslmm.synth.evaluate import evaluate
     from crosslmm.train.trainer import train
 
@@ -363,12 +367,12 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
     init = init_from_scratch(config.preset, out / "init", _corpus(data), vocab_size=config.vocab_size,
                              seed=config.seed, vision=vision, language=text_base, **options)
     cache = Path(config.out_dir) / "feature_cache"
-    use_t2v = bool(options.get("use_t2v", True))
+    caption_switches, question_switches = stage_switches(CrossLMMConfig.from_pretrained(init), config.caption_t2v)
     started = time.perf_counter()
     model_dir = init
     if config.caption_recipe:  # stage 1: dense captions, T2V off (paper Table 2c) unless caption_t2v
-        caption_t2v = config.caption_t2v and use_t2v
-        extra = [f"model_overrides.use_t2v={str(caption_t2v).lower()}"]
+        caption_t2v = caption_switches["use_t2v"]
+        extra = [f"model_overrides.{k}={str(v).lower()}" for k, v in caption_switches.items()]
         if caption_t2v:
             extra.append("optim.trainable=[projector,llm,v2v,t2v]")
         if config.probe.every:
@@ -376,7 +380,7 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
                       f"probe.limit={config.probe.caption_videos}"]
         model_dir = train(_train_config(config.caption_recipe, config, data / "train_captions.json", init,
                                         out / "stage1", cache, extra))
-    extra = [f"model_overrides.use_t2v={str(use_t2v).lower()}"]
+    extra = [f"model_overrides.{k}={str(v).lower()}" for k, v in question_switches.items()]
     if config.probe.every:
         extra += [f"probe.every={config.probe.every}", "probe.kind=questions", f"probe.data={data / 'test.json'}",
                   f"probe.limit={config.probe.questions}"]
@@ -414,6 +418,18 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
     }
     result_file.write_text(json.dumps(result, indent=2))
     return result
+
+
+def stage_switches(variant: CrossLMMConfig, caption_t2v: bool) -> tuple[dict[str, bool], dict[str, bool]]:
+    """The cross-attention switches of the caption stage and of the question stage.
+
+    The caption stage keeps T2V off (paper Table 2c) unless `caption_t2v`. Without T2V, a
+    variant whose only DCAL is the final decoder layer (K = 8 of 8 layers) has no V2V
+    block either (nothing reads the last layer's V2V), so its caption stage is
+    pooled-only; the question stage then adds the closed T2V blocks."""
+    t2v = caption_t2v and variant.use_t2v
+    v2v = variant.use_v2v and (t2v or bool(variant.v2v_layer_indices))
+    return {"use_v2v": v2v, "use_t2v": t2v}, {"use_v2v": variant.use_v2v, "use_t2v": variant.use_t2v}
 
 
 def _grounding_videos(config: AblationConfig) -> int:
