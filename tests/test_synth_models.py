@@ -192,6 +192,12 @@ def test_ablation_runner_end_to_end_and_resumes(tmp_path):
     before = result.stat().st_mtime_ns
     run_ablations(load_ablation_config(yaml), only=["pooled"])
     assert result.stat().st_mtime_ns == before
+    # An interrupted variant (no result yet) resumes its stages: trained steps are not redone.
+    metrics = tmp_path / "run" / "variants" / "pooled" / "train" / "metrics.jsonl"
+    trained = metrics.read_text()
+    result.unlink()
+    run_ablations(load_ablation_config(yaml), only=["pooled"])
+    assert json.loads(result.read_text())["resumed"] and metrics.read_text() == trained
 
     # Raising the letter hop's max_steps continues it from its last checkpoint, and the
     # text-world step after it is trained again from the new model.

@@ -18,8 +18,9 @@ each a set of CrossLMMConfig options. The runner
 4. writes `results.json`, a Markdown table (`results.md`) and a plot (`ablations.png`),
    and copies the table and plot to `docs_dir`.
 
-A variant whose `result.json` exists with the same settings is not run again, so an
-interrupted run resumes where it stopped.
+A variant whose `result.json` exists with the same settings is not run again, and an
+interrupted one resumes each stage from its last checkpoint, so an interrupted run
+resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -361,13 +362,20 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
                 previous.update(_grounding(config, out, data))
                 result_file.write_text(json.dumps(previous, indent=2))
             return previous
-    if out.exists():
+    # An interrupted variant with the same settings resumes each stage from its last
+    # checkpoint (a finished stage only re-exports); other settings start it over.
+    settings_file = out / "settings.json"
+    if out.exists() and not (settings_file.exists() and json.loads(settings_file.read_text()) == settings):
         shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(settings, indent=2))
 
+    shutil.rmtree(out / "init", ignore_errors=True)  # seeded, so rebuilt identical (a cut-off write is never read)
     init = init_from_scratch(config.preset, out / "init", _corpus(data), vocab_size=config.vocab_size,
                              seed=config.seed, vision=vision, language=text_base, **options)
     cache = Path(config.out_dir) / "feature_cache"
     caption_switches, question_switches = stage_switches(CrossLMMConfig.from_pretrained(init), config.caption_t2v)
+    resumed = bool(_resume(out / "stage1") or _resume(out / "train"))  # then train_seconds counts this part only
     started = time.perf_counter()
     model_dir = init
     if config.caption_recipe:  # stage 1: dense captions, T2V off (paper Table 2c) unless caption_t2v
@@ -379,13 +387,13 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
             extra += [f"probe.every={config.probe.every}", "probe.kind=captions", f"probe.data={data}",
                       f"probe.limit={config.probe.caption_videos}"]
         model_dir = train(_train_config(config.caption_recipe, config, data / "train_captions.json", init,
-                                        out / "stage1", cache, extra))
+                                        out / "stage1", cache, extra + _resume(out / "stage1")))
     extra = [f"model_overrides.{k}={str(v).lower()}" for k, v in question_switches.items()]
     if config.probe.every:
         extra += [f"probe.every={config.probe.every}", "probe.kind=questions", f"probe.data={data / 'test.json'}",
                   f"probe.limit={config.probe.questions}"]
     final = train(_train_config(config.recipe, config, data / "train_multiturn.json", model_dir, out / "train", cache,
-                                extra))
+                                extra + _resume(out / "train")))
     train_seconds = time.perf_counter() - started
 
     model, processor = load(final)
@@ -411,6 +419,7 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
         "v2v_scope": cfg.v2v_scope if cfg.use_v2v else None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1), "threads": threads,
+        "resumed": resumed,
         "accuracy": scores["accuracy"], "count": scores["count"],
         "final_loss": _final_loss(out / "train" / "metrics.jsonl"),
         "model": str(final),
@@ -418,6 +427,10 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
     }
     result_file.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _resume(output_dir: Path) -> list[str]:
+    return ["resume=latest"] if (output_dir / "checkpoints" / "latest").exists() else []
 
 
 def stage_switches(variant: CrossLMMConfig, caption_t2v: bool) -> tuple[dict[str, bool], dict[str, bool]]:
