@@ -141,9 +141,12 @@ def test_ablation_runner_end_to_end_and_resumes(tmp_path):
         "text_base: {letter_hop_first_families: [motion_direction], letter_hop_first_scenes: 8, "
         "letter_hop_first_overrides: [max_steps=2, per_device_batch_size=2], "
         f"letter_hop_scenes: 8, letter_hop_overrides: [max_steps=2, save_every=1, per_device_batch_size=2], "
-        f"scenes: 8, recipe: {REPO / 'configs/synth/text.yaml'}, train_overrides: [max_steps=2, per_device_batch_size=2], "
+        "letter_hop_decay_overrides: [max_steps=2, per_device_batch_size=2, optim.schedule=cosine], "
+        f"scenes: 8, letter_hop_mix_scenes: 4, recipe: {REPO / 'configs/synth/text.yaml'}, "
+        "train_overrides: [max_steps=2, per_device_batch_size=2], "
         "probe_scenes: 2, probe_every: 2}\n"
         "caption_t2v: true\n"
+        "caption_freeze_llm: true\n"
         f"caption_recipe: {REPO / 'configs/synth/captions.yaml'}\n"
         f"recipe: {REPO / 'configs/synth/llm.yaml'}\n"
         "train_overrides: [max_steps=2, per_device_batch_size=2]\n"
@@ -181,11 +184,25 @@ def test_ablation_runner_end_to_end_and_resumes(tmp_path):
     first = tmp_path / "run" / "text_base" / "letter_hop_first"  # the curriculum's step, before the hop over all families
     assert {r["questions"][0]["type"] for r in json.loads((first / "train.json").read_text())} == {"motion_direction"}
     assert json.loads((hop / "settings.json").read_text())["base"] == str(first / "train" / "model")
+    # The decay step continues the hop's model on the hop's records; the text world follows it.
+    decay = tmp_path / "run" / "text_base" / "letter_hop_decay"
+    assert json.loads((decay / "settings.json").read_text())["base"] == str(hop / "train" / "model")
+    assert not (decay / "train.json").exists()
+    assert [json.loads(line)["step"] for line in (decay / "train" / "probe.jsonl").read_text().splitlines()] == [2]
+    world = tmp_path / "run" / "text_base" / "text_world"
+    assert json.loads((world / "settings.json").read_text())["base"] == str(decay / "train" / "model")
+    rehearsed = [r["id"] for r in json.loads((world / "train.json").read_text()) if r["id"].startswith("hop")]
+    assert len(rehearsed) == 4  # the hop's records mixed into the text world's
     for name in ("pooled", "both"):
         init = load_file(tmp_path / "run" / "variants" / name / "init" / "model.safetensors")
         assert all(torch.equal(init[k], base[k]) for k in base if k.startswith("language_model."))
     stage1 = load_file(tmp_path / "run" / "variants" / "both" / "stage1" / "model" / "model.safetensors")
     assert any(".t2v." in k for k in stage1)
+    # caption_freeze_llm: stage 1 leaves the base LLM's own weights as they were and trains the rest.
+    init = load_file(tmp_path / "run" / "variants" / "both" / "init" / "model.safetensors")
+    llm = [k for k in base if k.startswith("language_model.")]
+    assert llm and all(torch.equal(stage1[k], init[k]) for k in llm)
+    assert not all(torch.equal(stage1[k], init[k]) for k in stage1 if k.startswith("projector.") or ".t2v." in k)
 
     # Finished variants are not trained again.
     result = tmp_path / "run" / "variants" / "pooled" / "result.json"

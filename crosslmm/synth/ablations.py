@@ -64,11 +64,12 @@ class VisionSpec:
 @dataclass
 class TextBaseSpec:
     """Stage 0: one language model pretrained on text, the base every variant starts
-    from, as every paper variant starts from the same pretrained Qwen2.5. Up to three
+    from, as every paper variant starts from the same pretrained Qwen2.5. Up to four
     text-only steps, in order: optionally the option-letter hop on a few families first (a
     curriculum: few answer words cross its plateau sooner), the option-letter hop over
-    every family (`world.letter_hop_records`, the answer given before its options), then
-    the world as text (captions as context, then questions; `world.text_world_records`)."""
+    every family (`world.letter_hop_records`, the answer given before its options),
+    optionally a learning-rate decay on the same records, then the world as text
+    (captions as context, then questions; `world.text_world_records`)."""
 
     letter_hop_first_families: list[str] = field(default_factory=list)  # the curriculum's families
     letter_hop_first_scenes: int = 0  # scenes for that first step; 0: no curriculum
@@ -76,7 +77,17 @@ class TextBaseSpec:
     letter_hop_first_stop_above: float | None = None  # its own early stop (the later steps use stop_above)
     letter_hop_scenes: int = 0  # letter-hop records to train on; 0: no letter-hop step
     letter_hop_overrides: list[str] = field(default_factory=list)  # key=value for that step (e.g. max_steps)
+    # A learning-rate decay after the hop (e.g. [max_steps=4000, optim.schedule=cosine]):
+    # from the hop's model, on its records, a fresh warmup and cosine decay to 0, the decay
+    # branch of warmup-stable-decay (the constant-rate hop plateaus at 75-79 %; its decay
+    # reaches ~90 %, docs/synthetic.md). It runs to its end (no early stop: stopping a
+    # decay halfway leaves the rate high), and a changed max_steps is another decay.
+    # Empty: no decay step.
+    letter_hop_decay_overrides: list[str] = field(default_factory=list)
     scenes: int = 0  # text-world conversations to train on; 0: no text-world step
+    # Letter-hop records mixed into the text-world step (rehearsal): without them 500
+    # text-world steps took the hop from 78 % to 18 % (docs/synthetic.md, "forgetting").
+    letter_hop_mix_scenes: int = 0
     caption_as_answer: bool = False  # the caption as the assistant's turn (trains caption writing too)
     recipe: str = "text.yaml"  # relative to the YAML's folder; both steps
     train_overrides: list[str] = field(default_factory=list)  # key=value for the text-world step
@@ -120,6 +131,10 @@ class AblationConfig:
     text_base: TextBaseSpec = field(default_factory=TextBaseSpec)
     caption_recipe: str | None = "captions.yaml"  # stage 1 on dense captions (relative to the YAML's folder); null: none
     caption_t2v: bool = False  # T2V on in the caption stage too (the paper: off, Table 2c)
+    # Stage 1 trains the projector and V2V only, the LLM frozen as in the paper's stage 1:
+    # for a text base that already knows the option-letter hop, which caption training of
+    # the LLM would overwrite (docs/synthetic.md, "forgetting"). False: the LLM trains too.
+    caption_freeze_llm: bool = False
     probe: VariantProbeSpec = field(default_factory=VariantProbeSpec)
     recipe: str = "llm.yaml"  # stage 2 on the questions (relative to the YAML's folder)
     train_overrides: list[str] = field(default_factory=list)  # key=value for every variant
@@ -234,19 +249,25 @@ def prepare_text_base(config: AblationConfig, data: Path, folder: Path, threads:
         init_from_scratch(config.preset, model, _corpus(data), vocab_size=config.vocab_size, seed=config.seed,
                           use_v2v=False, use_t2v=False)
     redo = False  # a changed step is trained again, and so is every step after it
+    decay_scenes = spec.letter_hop_scenes if spec.letter_hop_decay_overrides else 0
     steps = (("letter_hop_first", spec.letter_hop_first_scenes, letter_hop_first, spec.letter_hop_first_overrides,
               spec.letter_hop_first_stop_above),
              ("letter_hop", spec.letter_hop_scenes, letter_hop, spec.letter_hop_overrides, spec.stop_above),
+             ("letter_hop_decay", decay_scenes, letter_hop, spec.letter_hop_decay_overrides, None),
              ("text_world", spec.scenes, text_world, spec.train_overrides, spec.stop_above))
     for name, scenes, make, overrides, stop_above in steps:
         step_dir, done = folder / name, folder / name / "train" / "model"
         # max_steps is left out: raising it continues the step from its last checkpoint
         # (the recipe's schedule is constant), so a plateau can be trained through later.
-        step_settings = {"scenes": scenes, "overrides": [o for o in overrides if not o.startswith("max_steps=")],
+        # A decay's length is its schedule: kept in, so a changed one is trained again.
+        kept = [o for o in overrides if name == "letter_hop_decay" or not o.startswith("max_steps=")]
+        step_settings = {"scenes": scenes, "overrides": kept,
                          "probe": [spec.probe_scenes, spec.probe_every], "base": str(model),
                          "caption_as_answer": spec.caption_as_answer if name == "text_world" else None}
         if name == "letter_hop_first":
             step_settings["families"] = list(spec.letter_hop_first_families)
+        if name == "text_world" and spec.letter_hop_mix_scenes:
+            step_settings["letter_hop_mix_scenes"] = spec.letter_hop_mix_scenes
         step_file = step_dir / "settings.json"
         if redo or (step_file.exists() and json.loads(step_file.read_text()) != step_settings):
             shutil.rmtree(step_dir, ignore_errors=True)
@@ -255,10 +276,13 @@ def prepare_text_base(config: AblationConfig, data: Path, folder: Path, threads:
             continue
         step_dir.mkdir(exist_ok=True)
         step_file.write_text(json.dumps(step_settings, indent=2))
-        records, heldout = step_dir / "train.json", step_dir / "heldout.json"
+        # The decay trains on the hop's own records and probes on its held-out scenes.
+        data_dir = folder / "letter_hop" if name == "letter_hop_decay" else step_dir
+        records, heldout = data_dir / "train.json", data_dir / "heldout.json"
         if not records.exists():
             heldout.write_text(json.dumps(make(spec.probe_scenes, scenes)) + "\n")  # the scenes after training's
-            records.write_text(json.dumps(make(scenes, 0)) + "\n")
+            mixed = letter_hop(spec.letter_hop_mix_scenes, 0) if name == "text_world" else []
+            records.write_text(json.dumps(make(scenes, 0) + mixed) + "\n")
         latest = step_dir / "train" / "checkpoints" / "latest"
         max_steps = ([int(o.split("=", 1)[1]) for o in overrides if o.startswith("max_steps=")] or [0])[-1]
         length = {"max_steps": max_steps, "stop_above": stop_above}
@@ -354,6 +378,8 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
                 "train_overrides": config.train_overrides, "eval_questions": config.eval_questions,
                 "text_base": asdict(config.text_base) if text_base else None, "caption_t2v": config.caption_t2v,
                 "data": asdict(config.data), "vision": asdict(config.vision), "preset": config.preset}
+    if config.caption_freeze_llm:  # recorded only when set: earlier variants' settings stay valid
+        settings["caption_freeze_llm"] = True
     result_file = out / "result.json"
     if result_file.exists():
         previous = json.loads(result_file.read_text())
@@ -381,8 +407,9 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
     if config.caption_recipe:  # stage 1: dense captions, T2V off (paper Table 2c) unless caption_t2v
         caption_t2v = caption_switches["use_t2v"]
         extra = [f"model_overrides.{k}={str(v).lower()}" for k, v in caption_switches.items()]
-        if caption_t2v:
-            extra.append("optim.trainable=[projector,llm,v2v,t2v]")
+        if caption_t2v or config.caption_freeze_llm:
+            parts = ["projector", "v2v"] + ([] if config.caption_freeze_llm else ["llm"]) + (["t2v"] if caption_t2v else [])
+            extra.append(f"optim.trainable=[{','.join(parts)}]")
         if config.probe.every:
             extra += [f"probe.every={config.probe.every}", "probe.kind=captions", f"probe.data={data}",
                       f"probe.limit={config.probe.caption_videos}"]
