@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from crosslmm.data.processor import CrossLMMProcessor
-from crosslmm.model.modeling import CrossLMMForCausalLM
+from crosslmm.infer import load
 from crosslmm.synth.evaluate import evaluate_text_world
 from crosslmm.synth.world import letter_hop_records
 
@@ -35,8 +34,7 @@ def main() -> None:
     records = letter_hop_records(args.seed, COUNT, first=FIRST)
     results = {}
     for folder in args.models:
-        model = CrossLMMForCausalLM.from_pretrained(folder).eval()
-        processor = CrossLMMProcessor.from_pretrained(folder)
+        model, processor = load(folder)  # the path every evaluation takes: float32, local files only
         started = time.perf_counter()
         accuracy = evaluate_text_world(model, processor, records)["accuracy"]
         results[str(folder)] = accuracy
