@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from crosslmm.checkpoints.scratch import corpus_from_records, init_from_scratch
@@ -147,6 +148,7 @@ def test_ablation_runner_end_to_end_and_resumes(tmp_path):
         "probe_scenes: 2, probe_every: 2}\n"
         "caption_t2v: true\n"
         "caption_freeze_llm: true\n"
+        "letter_hop_rehearsal: 3\n"
         f"caption_recipe: {REPO / 'configs/synth/captions.yaml'}\n"
         f"recipe: {REPO / 'configs/synth/llm.yaml'}\n"
         "train_overrides: [max_steps=2, per_device_batch_size=2]\n"
@@ -203,6 +205,18 @@ def test_ablation_runner_end_to_end_and_resumes(tmp_path):
     llm = [k for k in base if k.startswith("language_model.")]
     assert llm and all(torch.equal(stage1[k], init[k]) for k in llm)
     assert not all(torch.equal(stage1[k], init[k]) for k in stage1 if k.startswith("projector.") or ".t2v." in k)
+    # letter_hop_rehearsal: each pixel stage trains on its dataset's records plus 3 hop
+    # records of its own (the first 3 scenes in stage 1, the next 3 in stage 2).
+    stages = {}
+    for stage, source in (("stage1", "train_captions"), ("train", "train_multiturn")):
+        recipe = OmegaConf.load(tmp_path / "run" / "variants" / "both" / stage / "recipe.yaml")
+        records = json.loads(Path(recipe["data"]["train"]).read_text())
+        assert Path(recipe["data"]["media_root"]) == tmp_path / "run" / "data"
+        own = json.loads((tmp_path / "run" / "data" / f"{source}.json").read_text())
+        assert records[: len(own)] == own
+        stages[stage] = [r["id"] for r in records[len(own):]]
+    assert all(len(ids) == 3 and all(i.startswith("hop") for i in ids) for ids in stages.values())
+    assert not set(stages["stage1"]) & set(stages["train"])
 
     # Finished variants are not trained again.
     result = tmp_path / "run" / "variants" / "pooled" / "result.json"

@@ -135,6 +135,11 @@ class AblationConfig:
     # for a text base that already knows the option-letter hop, which caption training of
     # the LLM would overwrite (docs/synthetic.md, "forgetting"). False: the LLM trains too.
     caption_freeze_llm: bool = False
+    # Letter-hop records (`world.letter_hop_records`, text only) mixed into each pixel
+    # stage: this many in stage 1, as many others in stage 2 (rehearsal). A hop learned in
+    # the text base is overwritten by a few hundred steps of other training unless it is
+    # kept in use (docs/synthetic.md, "forgetting"). 0: the stages train on their own data.
+    letter_hop_rehearsal: int = 0
     probe: VariantProbeSpec = field(default_factory=VariantProbeSpec)
     recipe: str = "llm.yaml"  # stage 2 on the questions (relative to the YAML's folder)
     train_overrides: list[str] = field(default_factory=list)  # key=value for every variant
@@ -312,13 +317,38 @@ def _longer(wanted: dict, trained: dict) -> bool:
 
 
 def _train_config(recipe: str, config: AblationConfig, records: Path, model_dir: Path, output_dir: Path, cache: Path,
-                  extra: list[str]):
+                  extra: list[str], media_root: Path | None = None):
     from crosslmm.train.config import load_train_config
 
+    root = media_root or records.parent
     return load_train_config(recipe, [
-        f"model={model_dir}", f"output_dir={output_dir}", f"data.train={records}", f"data.media_root={records.parent}",
+        f"model={model_dir}", f"output_dir={output_dir}", f"data.train={records}", f"data.media_root={root}",
         f"feature_cache={cache}", f"seed={config.seed}", *config.train_overrides, *extra,
     ])
+
+
+def _stage_records(config: AblationConfig, data: Path, out: Path) -> tuple[Path, Path]:
+    """The record files of the caption and question stages: the dataset's own, or with
+    `letter_hop_rehearsal` those plus that many letter-hop records each (the first n of
+    the hop's scenes in stage 1, the next n in stage 2), written into the variant's folder
+    (their media paths stay relative to the dataset)."""
+    captions, questions = data / "train_captions.json", data / "train_multiturn.json"
+    n = config.letter_hop_rehearsal
+    if not n:
+        return captions, questions
+    from crosslmm.synth.world import letter_hop_records
+
+    d = config.data
+    hop = letter_hop_records(d.seed, 2 * n, d.frames, d.size)
+    mixed = []
+    for source, extra in ((captions, hop[:n]), (questions, hop[n:])):
+        target = out / f"{source.stem}+letter_hop.json"
+        if not target.exists():  # written whole or not at all: a cut-off file is never read
+            partial = target.with_suffix(".partial")
+            partial.write_text(json.dumps(json.loads(source.read_text()) + extra) + "\n")
+            partial.replace(target)
+        mixed.append(target)
+    return mixed[0], mixed[1]
 
 
 def _corpus(data: Path) -> list[str]:
@@ -380,6 +410,8 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
                 "data": asdict(config.data), "vision": asdict(config.vision), "preset": config.preset}
     if config.caption_freeze_llm:  # recorded only when set: earlier variants' settings stay valid
         settings["caption_freeze_llm"] = True
+    if config.letter_hop_rehearsal:
+        settings["letter_hop_rehearsal"] = config.letter_hop_rehearsal
     result_file = out / "result.json"
     if result_file.exists():
         previous = json.loads(result_file.read_text())
@@ -400,6 +432,7 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
     init = init_from_scratch(config.preset, out / "init", _corpus(data), vocab_size=config.vocab_size,
                              seed=config.seed, vision=vision, language=text_base, **options)
     cache = Path(config.out_dir) / "feature_cache"
+    captions, questions = _stage_records(config, data, out)
     caption_switches, question_switches = stage_switches(CrossLMMConfig.from_pretrained(init), config.caption_t2v)
     resumed = bool(_resume(out / "stage1") or _resume(out / "train"))  # then train_seconds counts this part only
     started = time.perf_counter()
@@ -413,14 +446,14 @@ def run_variant(config: AblationConfig, name: str, data: Path, vision: Path, thr
         if config.probe.every:
             extra += [f"probe.every={config.probe.every}", "probe.kind=captions", f"probe.data={data}",
                       f"probe.limit={config.probe.caption_videos}"]
-        model_dir = train(_train_config(config.caption_recipe, config, data / "train_captions.json", init,
-                                        out / "stage1", cache, extra + _resume(out / "stage1")))
+        model_dir = train(_train_config(config.caption_recipe, config, captions, init, out / "stage1", cache,
+                                        extra + _resume(out / "stage1"), media_root=data))
     extra = [f"model_overrides.{k}={str(v).lower()}" for k, v in question_switches.items()]
     if config.probe.every:
         extra += [f"probe.every={config.probe.every}", "probe.kind=questions", f"probe.data={data / 'test.json'}",
                   f"probe.limit={config.probe.questions}"]
-    final = train(_train_config(config.recipe, config, data / "train_multiturn.json", model_dir, out / "train", cache,
-                                extra + _resume(out / "train")))
+    final = train(_train_config(config.recipe, config, questions, model_dir, out / "train", cache,
+                                extra + _resume(out / "train"), media_root=data))
     train_seconds = time.perf_counter() - started
 
     model, processor = load(final)
