@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -214,6 +214,21 @@ def prepare_vision(config: AblationConfig, data: Path, folder: Path) -> Path:
     return folder
 
 
+class _TextStep(NamedTuple):
+    """One text-only step of stage 0: its folder name, how many scenes of records it
+    trains on (0: skipped), how they are made, its recipe overrides and early stop."""
+
+    name: str
+    scenes: int
+    make: Callable[[int, int], list[dict]]  # (count, first scene) -> records
+    overrides: list[str]
+    stop_above: float | None
+    settings: dict[str, Any] = {}  # what else decides its model, beside the common keys
+    length_is_schedule: bool = False  # max_steps is part of its settings (a decay)
+    records_of: str | None = None  # trains on another step's records and probe (None: its own)
+    mixed_hop_scenes: int = 0  # letter-hop records mixed into its own (rehearsal)
+
+
 def prepare_text_base(config: AblationConfig, data: Path, folder: Path, threads: int) -> Path | None:
     """Stage 0, once for every variant: a pooled-only model of the preset whose LLM learns
     from text alone. Returns its model folder (None without a text base). It needs no
@@ -255,24 +270,28 @@ def prepare_text_base(config: AblationConfig, data: Path, folder: Path, threads:
                           use_v2v=False, use_t2v=False)
     redo = False  # a changed step is trained again, and so is every step after it
     decay_scenes = spec.letter_hop_scenes if spec.letter_hop_decay_overrides else 0
-    steps = (("letter_hop_first", spec.letter_hop_first_scenes, letter_hop_first, spec.letter_hop_first_overrides,
-              spec.letter_hop_first_stop_above),
-             ("letter_hop", spec.letter_hop_scenes, letter_hop, spec.letter_hop_overrides, spec.stop_above),
-             ("letter_hop_decay", decay_scenes, letter_hop, spec.letter_hop_decay_overrides, None),
-             ("text_world", spec.scenes, text_world, spec.train_overrides, spec.stop_above))
-    for name, scenes, make, overrides, stop_above in steps:
+    # The text world records how its captions are written, and any rehearsed hop records.
+    world_settings = {"caption_as_answer": spec.caption_as_answer,
+                      **({"letter_hop_mix_scenes": spec.letter_hop_mix_scenes} if spec.letter_hop_mix_scenes else {})}
+    steps = (
+        _TextStep("letter_hop_first", spec.letter_hop_first_scenes, letter_hop_first, spec.letter_hop_first_overrides,
+                  spec.letter_hop_first_stop_above, {"families": list(spec.letter_hop_first_families)}),
+        _TextStep("letter_hop", spec.letter_hop_scenes, letter_hop, spec.letter_hop_overrides, spec.stop_above),
+        # The decay trains on the hop's own records and probes on its held-out scenes; its
+        # length is its schedule, so its max_steps is part of its settings.
+        _TextStep("letter_hop_decay", decay_scenes, letter_hop, spec.letter_hop_decay_overrides, None,
+                  length_is_schedule=True, records_of="letter_hop"),
+        _TextStep("text_world", spec.scenes, text_world, spec.train_overrides, spec.stop_above, world_settings,
+                  mixed_hop_scenes=spec.letter_hop_mix_scenes),
+    )
+    for step in steps:
+        name, scenes, overrides, stop_above = step.name, step.scenes, step.overrides, step.stop_above
         step_dir, done = folder / name, folder / name / "train" / "model"
         # max_steps is left out: raising it continues the step from its last checkpoint
         # (the recipe's schedule is constant), so a plateau can be trained through later.
-        # A decay's length is its schedule: kept in, so a changed one is trained again.
-        kept = [o for o in overrides if name == "letter_hop_decay" or not o.startswith("max_steps=")]
-        step_settings = {"scenes": scenes, "overrides": kept,
-                         "probe": [spec.probe_scenes, spec.probe_every], "base": str(model),
-                         "caption_as_answer": spec.caption_as_answer if name == "text_world" else None}
-        if name == "letter_hop_first":
-            step_settings["families"] = list(spec.letter_hop_first_families)
-        if name == "text_world" and spec.letter_hop_mix_scenes:
-            step_settings["letter_hop_mix_scenes"] = spec.letter_hop_mix_scenes
+        kept = [o for o in overrides if step.length_is_schedule or not o.startswith("max_steps=")]
+        step_settings = {"scenes": scenes, "overrides": kept, "probe": [spec.probe_scenes, spec.probe_every],
+                         "base": str(model), "caption_as_answer": None, **step.settings}
         step_file = step_dir / "settings.json"
         if redo or (step_file.exists() and json.loads(step_file.read_text()) != step_settings):
             shutil.rmtree(step_dir, ignore_errors=True)
@@ -281,13 +300,12 @@ def prepare_text_base(config: AblationConfig, data: Path, folder: Path, threads:
             continue
         step_dir.mkdir(exist_ok=True)
         step_file.write_text(json.dumps(step_settings, indent=2))
-        # The decay trains on the hop's own records and probes on its held-out scenes.
-        data_dir = folder / "letter_hop" if name == "letter_hop_decay" else step_dir
+        data_dir = folder / step.records_of if step.records_of else step_dir
         records, heldout = data_dir / "train.json", data_dir / "heldout.json"
         if not records.exists():
-            heldout.write_text(json.dumps(make(spec.probe_scenes, scenes)) + "\n")  # the scenes after training's
-            mixed = letter_hop(spec.letter_hop_mix_scenes, 0) if name == "text_world" else []
-            records.write_text(json.dumps(make(scenes, 0) + mixed) + "\n")
+            heldout.write_text(json.dumps(step.make(spec.probe_scenes, scenes)) + "\n")  # the scenes after training's
+            mixed = letter_hop(step.mixed_hop_scenes, 0) if step.mixed_hop_scenes else []
+            records.write_text(json.dumps(step.make(scenes, 0) + mixed) + "\n")
         latest = step_dir / "train" / "checkpoints" / "latest"
         max_steps = ([int(o.split("=", 1)[1]) for o in overrides if o.startswith("max_steps=")] or [0])[-1]
         length = {"max_steps": max_steps, "stop_above": stop_above}
