@@ -221,6 +221,18 @@ def test_a_bf16_checkpoint_trains_float32_master_weights(workspace, tmp_path):
     assert changed, "no trainable weight moved: updates were rounded away"
 
 
+def test_overrides_that_make_an_invalid_model_are_named_as_the_cause(workspace, tmp_path):
+    """The model's own validation message says what to switch; the user must also learn
+    that the recipe's overrides, not their checkpoint, asked for it."""
+    from crosslmm.train.trainer import load_model
+
+    config = load_train_config(ROOT / "configs" / "stage1.yaml", [
+        f"model={workspace / 'init'}", f"output_dir={tmp_path / 'o'}", f"data.train={workspace / 'data' / 'train.json'}",
+        "model_overrides.use_t2v=false", "model_overrides.use_v2v=true", "model_overrides.dcal_every_k=64"])
+    with pytest.raises(ValueError, match=r"recipe's model_overrides .*dcal_every_k.*: dcal_every_k=64"):
+        load_model(config)
+
+
 def test_a_run_whose_records_are_mostly_unreadable_stops_with_the_reasons(workspace, tmp_path):
     records = json.loads((workspace / "data" / "train.json").read_text())
     elsewhere = tmp_path / "records.json"
