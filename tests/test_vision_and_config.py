@@ -132,3 +132,30 @@ def test_chunked_projection_without_autograd_equals_the_plain_projection():
         chunked = model.project_frames(features)
     torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-6)
     assert model.project_frames(features).requires_grad  # with autograd: the plain path
+
+
+def test_a_temporal_embedding_starts_at_zero_loads_into_an_old_checkpoint_and_bounds_frames(tmp_path):
+    """`temporal_embedding_frames` added to a checkpoint saved without it (what a recipe's
+    model_overrides does) starts adding exactly nothing; once trained it changes what the
+    cross-attentions read; a video longer than the table is refused, not silently clamped."""
+    from crosslmm import CrossLMMConfig, CrossLMMForCausalLM
+    from crosslmm.model.modeling import frame_index_in_media, parameter_part
+
+    assert frame_index_in_media(torch.tensor([3, 2])).tolist() == [0, 1, 2, 0, 1]
+    model = tiny_model()
+    set_gates(model)  # open blocks: the embedding would show at once if it were not zero
+    model.save_pretrained(tmp_path)
+    config = CrossLMMConfig(**{**model.config.to_dict(), "temporal_embedding_frames": 4})
+    marked = CrossLMMForCausalLM.from_pretrained(tmp_path, config=config).eval()
+    assert parameter_part("temporal_embedding") == "projector"
+    assert torch.equal(marked.temporal_embedding, torch.zeros(4, config.text_config.hidden_size))
+    ids, px, counts = torch.tensor([[5, MEDIA, 6, 7]]), frames(3), torch.tensor([3])
+    with torch.no_grad():
+        before = model.eval()(ids, pixel_values=px, media_num_frames=counts).logits
+        torch.testing.assert_close(marked(ids, pixel_values=px, media_num_frames=counts).logits, before)
+        marked.temporal_embedding.normal_()
+        assert not torch.allclose(marked(ids, pixel_values=px, media_num_frames=counts).logits, before)
+        with pytest.raises(ValueError, match="more than the 4 this model's temporal embedding knows"):
+            marked(ids, pixel_values=frames(5), media_num_frames=torch.tensor([5]))
+    with pytest.raises(ValueError, match="no DCAL"):
+        tiny_config(use_v2v=False, use_t2v=False, temporal_embedding_frames=4)

@@ -66,6 +66,13 @@ class CrossLMMConfig(PretrainedConfig):
             default: its update reaches nothing (no later layer reads the visual
             positions, and they carry no loss), so it could never learn; the paper's
             trainable count includes it (docs/architecture.md, "The last DCAL").
+        temporal_embedding_frames: 0 (default) or the most frames a media item may have:
+            a learned embedding of each frame's index within its media item, added to
+            that frame's original tokens before the cross-attentions read them. Without
+            it the originals carry no frame identity, so a text token cannot attend to
+            "frame 3" through T2V. It starts at zero (the model computes what it did
+            without it) and is off unless measured to help (docs/architecture.md,
+            "Frame identity of the originals").
         cross_attention_init: how a new cross-attention block starts; both make it add
             exactly zero, so a fresh CrossLMM computes what the pooled-only model computes.
             "zero_output" (default): `o_proj` at zero and the gate at 1 (tanh 0.76).
@@ -98,6 +105,7 @@ class CrossLMMConfig(PretrainedConfig):
         media_newline: bool = False,
         cross_attention_init: str = "zero_output",
         v2v_at_last_layer: bool = False,
+        temporal_embedding_frames: int = 0,
         **kwargs: Any,
     ) -> None:
         self.vision_config = _as_config(vision_config, "siglip_vision_model")
@@ -117,6 +125,7 @@ class CrossLMMConfig(PretrainedConfig):
         self.media_newline = media_newline
         self.cross_attention_init = cross_attention_init
         self.v2v_at_last_layer = v2v_at_last_layer
+        self.temporal_embedding_frames = temporal_embedding_frames
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
         self.validate_crosslmm()
@@ -163,6 +172,13 @@ class CrossLMMConfig(PretrainedConfig):
             raise ValueError(
                 f"dcal_every_k={self.dcal_every_k} puts the only DCAL at the final layer, where V2V is read by "
                 "nothing; lower dcal_every_k, switch use_t2v on, or set v2v_at_last_layer=True"
+            )
+        if self.temporal_embedding_frames < 0:
+            raise ValueError(f"temporal_embedding_frames must be >= 0 (0: none), got {self.temporal_embedding_frames}")
+        if self.temporal_embedding_frames and not self.use_dcal:
+            raise ValueError(
+                "temporal_embedding_frames marks the original tokens the cross-attentions read; this model has no "
+                "DCAL (use_v2v and use_t2v are off), so set it to 0"
             )
         vocab = self.text_config.vocab_size
         if self.media_token_id is not None and not 0 <= self.media_token_id < vocab:

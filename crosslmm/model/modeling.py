@@ -44,9 +44,17 @@ def parameter_part(name: str) -> str:
         return "t2v"
     if name.startswith("vision_tower."):
         return "vision"
-    if name.startswith("projector.") or name == "media_newline":
+    if name.startswith("projector.") or name in ("media_newline", "temporal_embedding"):
         return "projector"
     return "llm"
+
+
+def frame_index_in_media(media_num_frames: torch.Tensor) -> torch.Tensor:
+    """(M,) frames per media item -> (F,) each frame's index within its own item:
+    [3, 2] -> [0, 1, 2, 0, 1]."""
+    starts = media_num_frames.cumsum(0) - media_num_frames
+    positions = torch.arange(int(media_num_frames.sum()), device=media_num_frames.device)
+    return positions - starts.repeat_interleave(media_num_frames)
 
 
 class LLMInputs(NamedTuple):
@@ -100,6 +108,9 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
         for module in self.modules():
             if isinstance(module, GatedCrossAttention):
                 module.reset_to_closed(init.zeros_, init.constant_)
+        temporal = getattr(self, "temporal_embedding", None)
+        if temporal is not None:  # starts adding nothing, like the cross-attention blocks
+            init.zeros_(temporal)
         newline = getattr(self, "media_newline", None)
         if newline is not None:  # LLaVA-OneVision's init of its image_newline
             init.normal_(newline, mean=0.0, std=newline.shape[0] ** -0.5)
@@ -114,6 +125,10 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         )
         # LLaVA-OneVision's learned token after each video (`media_newline`), else absent.
         self.media_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size)) if config.media_newline else None
+        # The index of each frame within its media item, added to its original tokens
+        # (`temporal_embedding_frames`), else absent.
+        self.temporal_embedding = (nn.Parameter(torch.zeros(config.temporal_embedding_frames, config.text_config.hidden_size))
+                                   if config.temporal_embedding_frames else None)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         install_dcal(
             self.decoder_layers, config.text_config, config.dcal_layer_indices, config.v2v_layer_indices, config.use_t2v,
@@ -286,6 +301,12 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
                 raise ValueError(
                     f"got {given} frames but media_num_frames={media_num_frames.tolist()} adds up to {int(media_num_frames.sum())}"
                 )
+            most = self.config.temporal_embedding_frames
+            if most and int(media_num_frames.max()) > most:
+                raise ValueError(
+                    f"a media item has {int(media_num_frames.max())} frames, more than the {most} this model's temporal "
+                    f"embedding knows (temporal_embedding_frames); sample at most {most} frames"
+                )
 
         layout = build_layout(
             input_ids,
@@ -316,6 +337,8 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
             if self.media_newline is not None:
                 newline = self.media_newline.to(embeds.dtype).expand(layout.newline_target.numel(), dim)
                 embeds = embeds.index_copy(0, layout.newline_target, newline)
+            if self.temporal_embedding is not None:
+                originals = originals + self.temporal_embedding[frame_index_in_media(media_num_frames)][:, None].to(originals.dtype)
             if self.config.use_dcal:
                 ctx = DCALContext(originals, originals.shape[1], layout.v2v, layout.t2v, cross_cache)
         return LLMInputs(
