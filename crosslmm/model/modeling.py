@@ -8,7 +8,8 @@ plus the cross-attention side cache.
 
 Weight names: `vision_tower.vit.*` (the transformers vision model), `projector.*`,
 `language_model.*` (the transformers causal LM, its own names unchanged), and
-`language_model.model.layers.{i}.v2v.*` / `.t2v.*` for the cross-attentions.
+`language_model.model.layers.{i}.v2v.*` / `.t2v.*` for the cross-attentions, and, where
+the config asks for them, `media_newline` (D,) and `temporal_embedding` (T, D).
 """
 
 from __future__ import annotations
@@ -125,8 +126,8 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         )
         # LLaVA-OneVision's learned token after each video (`media_newline`), else absent.
         self.media_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size)) if config.media_newline else None
-        # The index of each frame within its media item, added to its original tokens
-        # (`temporal_embedding_frames`), else absent.
+        # (T, D): the index of each frame within its media item, added to its original
+        # tokens (`temporal_embedding_frames` = T), else absent.
         self.temporal_embedding = (nn.Parameter(torch.zeros(config.temporal_embedding_frames, config.text_config.hidden_size))
                                    if config.temporal_embedding_frames else None)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)

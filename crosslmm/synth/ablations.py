@@ -601,6 +601,17 @@ def run_ablations(config: AblationConfig, only: list[str] | None = None) -> dict
 def export_default_model(config: AblationConfig, data: Path, result: dict) -> Path:
     """Save a variant's trained model as the bundled default (weights in `dtype`), score
     the saved copy itself on the held-out split, and write its model card."""
+    spec = config.default_model
+    card = {"variant": result["name"], "options": result["settings"]["options"], "seed": config.seed,
+            "parameters": result["parameters"]}
+    return export_model(Path(result["model"]), Path(spec.out), spec.dtype, data, card)
+
+
+def export_model(model_dir: Path, out: Path, dtype: str, data: Path, card: dict) -> Path:
+    """Write `model_dir` to `out` in `dtype` (storage only) with its processor, score the
+    written copy itself, not the model in memory, on `data`'s held-out split, and write
+    `card` with those figures as `training.json`. Also what a hand-trained model is
+    bundled with (`tools/export_default_model.py`)."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -610,13 +621,11 @@ def export_default_model(config: AblationConfig, data: Path, result: dict) -> Pa
     from crosslmm.synth.evaluate import evaluate
 
     hf_logging.disable_progress_bar()
-    spec = config.default_model
-    out = Path(spec.out)
     if out.exists():
         shutil.rmtree(out)
-    model, processor = load(result["model"])
-    model.to(getattr(torch, spec.dtype))
-    model.config.set_dtype(spec.dtype)
+    model, processor = load(model_dir)
+    model.to(getattr(torch, dtype))
+    model.config.set_dtype(dtype)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     exported, exported_processor = load(out)
@@ -624,9 +633,8 @@ def export_default_model(config: AblationConfig, data: Path, result: dict) -> Pa
     test = load_records(data / "test.json")
     scores = evaluate(exported, exported_processor, test, data)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    card = {"variant": result["name"], "options": result["settings"]["options"], "seed": config.seed,
-            "dtype": spec.dtype, "parameters": result["parameters"], "bytes": size,
-            "held_out_accuracy": scores["accuracy"], "held_out_count": scores["count"]}
+    card = {**card, "dtype": dtype, "bytes": size, "held_out_accuracy": scores["accuracy"],
+            "held_out_count": scores["count"]}
     (out / "training.json").write_text(json.dumps(card, indent=2))
     return out
 
