@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from crosslmm.infer import load
+from crosslmm.model.configuration import CrossLMMConfig
 from crosslmm.synth.ablations import export_model
 
 
@@ -32,15 +32,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("crosslmm/assets/default_model"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model, _ = load(args.model)
-    config = model.config
+    config = CrossLMMConfig.from_pretrained(args.model, local_files_only=True)
     options = {"tokens_per_frame": config.tokens_per_frame, "use_v2v": config.use_v2v, "use_t2v": config.use_t2v,
                "dcal_every_k": config.dcal_every_k}
     if config.temporal_embedding_frames:
         options["temporal_embedding_frames"] = config.temporal_embedding_frames
-    card = {"variant": args.variant, "options": options, "seed": args.seed,
-            "parameters": sum(p.numel() for p in model.parameters()), "training": args.command, "note": args.note}
-    del model
+    card = {"variant": args.variant, "options": options, "seed": args.seed, "training": args.command, "note": args.note}
     out = export_model(args.model, args.out, "bfloat16", args.data, card)
     card = json.loads((out / "training.json").read_text())
     print(json.dumps({k: card[k] for k in ("variant", "bytes")} | {

@@ -633,8 +633,10 @@ def export_model(model_dir: Path, out: Path, dtype: str, data: Path, card: dict)
     test = load_records(data / "test.json")
     scores = evaluate(exported, exported_processor, test, data)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    card = {**card, "dtype": dtype, "bytes": size, "held_out_accuracy": scores["accuracy"],
-            "held_out_count": scores["count"]}
+    meta = json.loads((data / "meta.json").read_text()) if (data / "meta.json").exists() else {}
+    card = {"parameters": sum(p.numel() for p in exported.parameters()), **card, "dtype": dtype, "bytes": size,
+            "held_out_data": {"root": str(data), "world": meta.get("params", {})},
+            "held_out_accuracy": scores["accuracy"], "held_out_count": scores["count"]}
     (out / "training.json").write_text(json.dumps(card, indent=2))
     return out
 
