@@ -300,11 +300,17 @@ def synth(
     frames: int = typer.Option(8, help="Frames per video."),
     size: int = typer.Option(64, help="Frame side in pixels (>= 48)."),
     questions_per_video: int = typer.Option(3, help="Questions asked about each video."),
+    mc_reply: str = typer.Option("letter", help="How multiple choice is answered: letter (the letter alone) or "
+                                                "option-letter (\"up (B)\"; docs/synthetic.md)."),
 ) -> None:
     """Generate the synthetic fine-grained video QA world (real mp4 files + LLaVA records)."""
     from crosslmm.synth import write_dataset
 
-    meta = write_dataset(out, n=n, seed=seed, frames=frames, size=size, questions_per_video=questions_per_video)
+    try:
+        meta = write_dataset(out, n=n, seed=seed, frames=frames, size=size, questions_per_video=questions_per_video,
+                             mc_reply=mc_reply)
+    except ValueError as err:
+        _fail(err)
     typer.echo(f"wrote {out}: videos {meta['videos']}, questions {meta['questions']} (per-type counts in meta.json)")
 
 

@@ -343,6 +343,37 @@ def test_record_format(dataset):
     assert {(r["type"], r["form"]) for r in records} == {(f, form) for f in FAMILIES for form in FORMS}
 
 
+def test_option_letter_replies_name_the_option_then_its_letter(dataset, tmp_path):
+    """The "option-letter" world is the default world with only the multiple-choice
+    instruction and reply changed, so one rendered world (and its feature cache) can
+    train either, and both are scored on the same letter."""
+    from crosslmm.eval.extract import extract_answer
+    from crosslmm.synth.evaluate import extract, is_correct
+    from crosslmm.synth.world import MC_SUFFIXES, multiturn_records, restyle_mc
+
+    meta = write_dataset(tmp_path, N_VIDEOS, SEED, mc_reply="option-letter")
+    assert meta["params"]["mc_reply"] == "option-letter"
+    letter_world, option_world = all_records(dataset), all_records(tmp_path)
+    assert [restyle_mc(r, "option-letter") for r in letter_world] == option_world
+    assert [restyle_mc(r, "letter") for r in option_world] == letter_world
+    restyled = [restyle_mc(r, "option-letter") for r in json.loads((dataset / "train.json").read_text())]
+    assert multiturn_records(restyled) == json.loads((tmp_path / "train_multiturn.json").read_text())
+    for r in option_world:
+        human, gpt = r["conversations"]
+        if r["form"] == "short":
+            assert gpt["value"] == r["answer"]
+            continue
+        option = r["options"][LETTERS.index(r["answer"])]
+        assert gpt["value"] == f"{option} ({r['answer']})" and human["value"].endswith(MC_SUFFIXES["option-letter"])
+        assert extract(gpt["value"], "mc") == r["answer"] == extract_answer("synthetic", gpt["value"])
+        assert is_correct(gpt["value"], r)
+    with pytest.raises(ValueError, match="mc_reply"):
+        write_dataset(tmp_path / "bad", 2, SEED, mc_reply="word")
+    with pytest.raises(ValueError, match="multiple-choice instruction"):
+        restyle_mc({**letter_world[0], "form": "mc", "conversations": [
+            {"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "A"}]}, "letter")
+
+
 def test_answers_are_balanced(dataset):
     records = all_records(dataset)
     letters = Counter(r["answer"] for r in records if r["form"] == "mc")

@@ -43,7 +43,7 @@ def is_correct(prediction: str, record: dict) -> bool:
     return extract(prediction, record["form"]) == expected
 
 
-def evaluate(model, processor, records: list[dict], media_root: str | Path, max_new_tokens: int = 8) -> dict:
+def evaluate(model, processor, records: list[dict], media_root: str | Path, max_new_tokens: int = 12) -> dict:
     """Greedy answers for `records`; returns overall and per (type, form) accuracy and the
     predictions themselves."""
     hits: dict[str, list[int]] = defaultdict(list)

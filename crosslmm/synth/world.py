@@ -70,6 +70,16 @@ LETTERS = "ABCD"
 MARK_COLOR = (10, 10, 10)  # pattern marks: far from every palette colour and the background
 
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
+# How a multiple-choice question is answered. "letter": the letter alone, as the paper's
+# benchmarks ask (MC_SUFFIX). "option-letter": the option's text, then its letter in
+# brackets ("up (B)"): the answer word first turns the option-letter hop, which a small
+# language model learns only after a long plateau (docs/synthetic.md), into a copy of the
+# letter in front of the word just written. Scored the same way: the first standalone letter.
+MC_REPLIES: tuple[str, ...] = ("letter", "option-letter")
+MC_SUFFIXES: dict[str, str] = {
+    "letter": MC_SUFFIX,
+    "option-letter": "Answer with the option's text from the given choices, then its letter in brackets.",
+}
 SHORT_SUFFIX = "Answer the question using a single word."
 
 # Sizes below are for a 64-pixel frame and scale with `size`.
@@ -536,7 +546,8 @@ class Balancer:
         return items[min(range(len(items)), key=lambda i: (count(items[i]), ties[i]))]
 
 
-def make_questions(scene: Scene, rng: np.random.Generator, count: int, balancer: Balancer) -> list[dict]:
+def make_questions(scene: Scene, rng: np.random.Generator, count: int, balancer: Balancer,
+                   mc_reply: str = "letter") -> list[dict]:
     """Up to `count` distinct questions about `scene`, as records without id/video.
 
     Families are spread first (least-used family among those the scene can answer),
@@ -559,11 +570,33 @@ def make_questions(scene: Scene, rng: np.random.Generator, count: int, balancer:
         balancer.families[family] += 1
         balancer.forms[family, form] += 1
         balancer.answers[family, form, fact.answer_for(form)] += 1
-        records.append(_mc_record(fact, rng, balancer) if form == "mc" else _short_record(fact))
+        records.append(_mc_record(fact, rng, balancer, mc_reply) if form == "mc" else _short_record(fact))
     return records
 
 
-def _mc_record(fact: Fact, rng: np.random.Generator, balancer: Balancer) -> dict:
+def mc_reply(options: Sequence[str], letter: str, style: str) -> str:
+    """The assistant's reply to a multiple-choice question whose answer is `letter`."""
+    if style not in MC_REPLIES:
+        raise ValueError(f"mc_reply must be one of {MC_REPLIES}, got {style!r}")
+    return letter if style == "letter" else f"{options[LETTERS.index(letter)]} ({letter})"
+
+
+def restyle_mc(record: dict, style: str) -> dict:
+    """`record` (one question, as in `<split>.json`) with its multiple-choice instruction
+    and reply in `style`; short answers unchanged. Lets one rendered world train both
+    styles (its videos, hence a feature cache, stay the same)."""
+    if record["form"] != "mc":
+        return record
+    human, gpt = record["conversations"]
+    lines = human["value"].split("\n")
+    if lines[-1] not in MC_SUFFIXES.values():
+        raise ValueError(f"{record.get('id')}: the prompt does not end with a multiple-choice instruction")
+    prompt = "\n".join([*lines[:-1], MC_SUFFIXES[style]])
+    reply = mc_reply(record["options"], record["answer"], style)
+    return {**record, "conversations": [{**human, "value": prompt}, {**gpt, "value": reply}]}
+
+
+def _mc_record(fact: Fact, rng: np.random.Generator, balancer: Balancer, style: str = "letter") -> dict:
     letter = balancer.least_used(rng, list(LETTERS), lambda x: balancer.letters[fact.family, x])
     balancer.letters[fact.family, letter] += 1
     wanted = len(LETTERS) - 1
@@ -573,21 +606,22 @@ def _mc_record(fact: Fact, rng: np.random.Generator, balancer: Balancer) -> dict
     options = [shown[int(i)] for i in rng.permutation(wanted)]
     options.insert(LETTERS.index(letter), fact.answer)
     lines = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
-    prompt = f"{fact.question}\n{lines}\n{MC_SUFFIX}"
-    return _record(fact.family, "mc", prompt, letter, options)
+    prompt = f"{fact.question}\n{lines}\n{MC_SUFFIXES[style]}"
+    return _record(fact.family, "mc", prompt, letter, options, mc_reply(options, letter, style))
 
 
 def _short_record(fact: Fact) -> dict:
     return _record(fact.family, "short", f"{fact.question}\n{SHORT_SUFFIX}", str(fact.short_answer), None)
 
 
-def _record(family: str, form: str, prompt: str, answer: str, options: list[str] | None) -> dict:
+def _record(family: str, form: str, prompt: str, answer: str, options: list[str] | None,
+            reply: str | None = None) -> dict:
     record: dict = {"type": family, "form": form, "answer": answer}
     if options is not None:
         record["options"] = options
     record["conversations"] = [
         {"from": "human", "value": f"<video>\n{prompt}"},
-        {"from": "gpt", "value": answer},
+        {"from": "gpt", "value": answer if reply is None else reply},
     ]
     return record
 
@@ -689,6 +723,7 @@ def write_dataset(
     splits: Mapping[str, float] | None = None,
     questions_per_video: int = 3,
     fps: int = 4,
+    mc_reply: str = "letter",
 ) -> dict:
     """Write `n` videos and their questions; returns the metadata also saved as meta.json.
 
@@ -699,8 +734,11 @@ def write_dataset(
     see `caption`), and `meta.json` (parameters, codec, counts per split / type / form, correct-letter and
     answer histograms).
     Everything is a function of (n, seed, frames, size, splits, questions_per_video, fps):
-    scenes and questions draw from generators seeded by (seed, purpose, index) only.
+    scenes and questions draw from generators seeded by (seed, purpose, index) only;
+    `mc_reply` (see MC_REPLIES) changes only the multiple-choice instruction and reply.
     """
+    if mc_reply not in MC_REPLIES:
+        raise ValueError(f"mc_reply must be one of {MC_REPLIES}, got {mc_reply!r}")
     splits = dict(splits or {"train": 0.9, "test": 0.1})
     _check_int("n", n, 0)
     _check_int("questions_per_video", questions_per_video, 1)
@@ -712,12 +750,12 @@ def write_dataset(
     meta: dict = {
         "generator": "crosslmm.synth.world",
         "params": {"n": n, "seed": seed, "frames": frames, "size": size, "splits": splits,
-                   "questions_per_video": questions_per_video, "fps": fps},
+                   "questions_per_video": questions_per_video, "fps": fps, "mc_reply": mc_reply},
         "codec": codec, "pix_fmt": "yuv420p", "families": list(FAMILIES),
         "videos": {}, "questions": {}, "counts": {}, "letters": {}, "answers": {},
     }
     for split, indices in split_indices(n, seed, splits).items():
-        records = _write_split(out_dir, indices, seed, frames, size, questions_per_video, fps, codec)
+        records = _write_split(out_dir, indices, seed, frames, size, questions_per_video, fps, codec, mc_reply)
         (out_dir / f"{split}.json").write_text(json.dumps(records, indent=1) + "\n")
         if split == "train":
             (out_dir / "train_multiturn.json").write_text(json.dumps(multiturn_records(records), indent=1) + "\n")
@@ -739,14 +777,15 @@ def _check_int(name: str, value: int, minimum: int) -> None:
 
 
 def _write_split(out_dir: Path, indices: Sequence[int], seed: int, frames: int, size: int,
-                 questions_per_video: int, fps: int, codec: str) -> list[dict]:
+                 questions_per_video: int, fps: int, codec: str, mc_reply: str = "letter") -> list[dict]:
     balancer = Balancer()
     records = []
     for index in indices:
         scene = scene_for(seed, index, frames, size)
         vid = video_id(index)
         encode_video(render(scene), out_dir / "videos" / f"{vid}.mp4", fps, codec)
-        questions = make_questions(scene, np.random.default_rng([seed, 1, index]), questions_per_video, balancer)
+        questions = make_questions(scene, np.random.default_rng([seed, 1, index]), questions_per_video, balancer,
+                                   mc_reply)
         for j, question in enumerate(questions):
             records.append({"id": f"{vid}_q{j}", "video": f"videos/{vid}.mp4", **question})
     return records
