@@ -406,6 +406,8 @@ def demo(
     model: Path = typer.Option(None, help="A CrossLMM checkpoint directory (default: the bundled model)."),
     seed: int = typer.Option(0, help="Which fresh scene to generate."),
     questions: int = typer.Option(6, help="How many questions to ask."),
+    mc_reply: str = typer.Option(None, help="Multiple-choice style, letter or option-letter (default: the one "
+                                            "the model's training.json names, else letter)."),
 ) -> None:
     """Generate a video, ask it questions, compare with the truth, and draw where T2V looked."""
     from transformers.utils import logging as hf_logging
@@ -415,7 +417,7 @@ def demo(
 
     hf_logging.disable_progress_bar()
     try:
-        run_demo(model or default_model_dir(), out, seed=seed, num_questions=questions)
+        run_demo(model or default_model_dir(), out, seed=seed, num_questions=questions, mc_reply=mc_reply)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
 

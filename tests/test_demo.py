@@ -3,6 +3,8 @@ writes its video, table and picture for a tiny random model."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -17,11 +19,12 @@ from crosslmm.synth.demo import (
     DEMO_INDEX,
     cross_attention_probabilities,
     demo_questions,
+    model_mc_reply,
     run_demo,
     t2v_attention,
     t2v_layers,
 )
-from crosslmm.synth.world import Balancer, encode_video, make_questions, render, scene_for
+from crosslmm.synth.world import MC_SUFFIXES, Balancer, encode_video, make_questions, render, scene_for
 
 
 def _corpus() -> list[str]:
@@ -97,3 +100,21 @@ def test_run_demo_without_t2v_answers_but_skips_the_picture(tmp_path):
     summary = run_demo(plain, tmp_path / "out", num_questions=1, echo=False)
     assert len(summary["results"]) == 1 and summary["figure"] is None and "T2V" in summary["note"]
     assert not (tmp_path / "out" / "demo.png").exists()
+
+
+def test_demo_asks_multiple_choice_the_way_the_model_was_scored(model_dir, tmp_path):
+    assert model_mc_reply(model_dir) == "letter"  # no card: the benchmarks' style
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "training.json").write_text(json.dumps({"held_out_data": {"world": {"mc_reply": "option-letter"}}}))
+    assert model_mc_reply(card) == "option-letter"
+    (card / "training.json").write_text(json.dumps({"held_out_data": {"world": {"mc_reply": "word"}}}))
+    with pytest.raises(ValueError, match="mc_reply"):
+        model_mc_reply(card)
+
+    records = demo_questions(scene_for(3, DEMO_INDEX), 3, 2, "option-letter")
+    mc = [r for r in records if r["form"] == "mc"]
+    assert mc and all(r["conversations"][0]["value"].endswith(MC_SUFFIXES["option-letter"]) for r in mc)
+    summary = run_demo(model_dir, tmp_path / "out", seed=3, num_questions=2, echo=False, mc_reply="option-letter")
+    assert [r["answer"] for r in summary["results"]] == [r["answer"] for r in records]
+    assert all(MC_SUFFIXES["option-letter"] not in r["question"] for r in summary["results"])

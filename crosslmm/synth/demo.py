@@ -30,6 +30,7 @@ the requested query rows only; `cross_attention_probabilities` is that recomputa
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,7 +49,8 @@ from crosslmm.synth.evaluate import is_correct
 from crosslmm.synth.world import (
     FAMILIES,
     FORMS,
-    MC_SUFFIX,
+    MC_REPLIES,
+    MC_SUFFIXES,
     SHORT_SUFFIX,
     Balancer,
     Scene,
@@ -62,27 +64,28 @@ from crosslmm.synth.world import (
 # Video index of the demo scene: write_dataset uses indices 0..n-1, so no training set
 # of any realistic size contains this scene, whatever its seed.
 DEMO_INDEX = 1_000_000_000
-MAX_NEW_TOKENS = 8  # as crosslmm.synth.evaluate: answers are a letter or one word
+MAX_NEW_TOKENS = 12  # as crosslmm.synth.evaluate: a letter, one word, or an option and its letter
 
 
 # --------------------------------------------------------------------------- questions
 
 
-def demo_questions(scene: Scene, seed: int, count: int) -> list[dict]:
+def demo_questions(scene: Scene, seed: int, count: int, mc_reply: str = "letter") -> list[dict]:
     """Up to `count` records about `scene`: families spread first (one per family while
-    the scene answers enough of them), forms alternating mc / short by family order."""
+    the scene answers enough of them), forms alternating mc / short by family order;
+    multiple choice asked in `mc_reply` style (crosslmm.synth.world.MC_REPLIES)."""
     balancer = Balancer()
     for i, family in enumerate(FAMILIES):  # mark one form as used: the other is picked first
         balancer.forms[family, FORMS[i % 2]] += 1
     rng = np.random.default_rng([seed, 1, DEMO_INDEX])
-    records = make_questions(scene, rng, count, balancer)
+    records = make_questions(scene, rng, count, balancer, mc_reply)
     return [{"id": f"demo_q{j}", "video": "demo.mp4", **record} for j, record in enumerate(records)]
 
 
 def one_line(record: dict) -> str:
     """The question without placeholder and answer instruction, options on the same line."""
     text = record["conversations"][0]["value"].replace("<video>", "")
-    lines = [line.strip() for line in text.splitlines() if line.strip() not in ("", MC_SUFFIX, SHORT_SUFFIX)]
+    lines = [line.strip() for line in text.splitlines() if line.strip() not in ("", SHORT_SUFFIX, *MC_SUFFIXES.values())]
     return " ".join(lines)
 
 
@@ -91,6 +94,20 @@ def truth_text(record: dict) -> str:
     if record["form"] == "mc":
         return f"{record['answer']} ({answer_text(record)})"
     return record["answer"]
+
+
+def model_mc_reply(model_dir: str | Path) -> str:
+    """How the model answers multiple choice: the style of the world its card says it
+    was scored on (`training.json`, written by `crosslmm.synth.ablations.export_model`);
+    "letter" for a model without one."""
+    card = Path(model_dir) / "training.json"
+    if not card.is_file():
+        return "letter"
+    world = (json.loads(card.read_text()).get("held_out_data") or {}).get("world") or {}
+    style = world.get("mc_reply", "letter")
+    if style not in MC_REPLIES:
+        raise ValueError(f"{card}: unknown mc_reply {style!r}; expected one of {MC_REPLIES}")
+    return style
 
 
 # --------------------------------------------------------------------------- attention
@@ -300,10 +317,12 @@ def run_demo(
     device: str = "cpu",
     max_new_tokens: int = MAX_NEW_TOKENS,
     echo: bool = True,
+    mc_reply: str | None = None,
 ) -> dict:
     """Write `out_dir/demo.mp4`, answer `num_questions` questions about it with the model
     in `model_dir`, print the table (unless `echo` is False) and, when the model has
-    T2V, write `out_dir/demo.png`.
+    T2V, write `out_dir/demo.png`. Multiple choice is asked the way the model was trained
+    to answer it (`mc_reply`; default: `model_mc_reply`).
 
     Returns {"video": path, "figure": path or None, "note": why there is no figure or
     None, "results": one dict per question (id, type, form, question, prediction,
@@ -314,7 +333,7 @@ def run_demo(
     scene = scene_for(seed, DEMO_INDEX)
     video = out_dir / "demo.mp4"
     encode_video(render(scene), video)
-    records = demo_questions(scene, seed, num_questions)
+    records = demo_questions(scene, seed, num_questions, mc_reply or model_mc_reply(model_dir))
 
     model, processor = load(model_dir, device)
     clip = load_media(video, **processor.sampling)  # the frames the model sees, decoded once
