@@ -233,6 +233,22 @@ def test_overrides_that_make_an_invalid_model_are_named_as_the_cause(workspace, 
         load_model(config)
 
 
+def test_overrides_that_drop_trained_cross_attention_say_so(workspace, tmp_path, caplog):
+    """A text-only recipe (use_v2v: false) run from a trained model silently used to write
+    a model without its V2V blocks; the next stage then started them again from zero."""
+    from crosslmm.train.trainer import load_model
+
+    init = json.loads((workspace / "init" / "config.json").read_text())
+    assert init["use_v2v"]
+    config = load_train_config(ROOT / "configs" / "stage1.yaml", [
+        f"model={workspace / 'init'}", f"output_dir={tmp_path / 'o'}", f"data.train={workspace / 'data' / 'train.json'}",
+        "model_overrides.use_v2v=false", "model_overrides.use_t2v=true"])
+    with caplog.at_level("WARNING", logger="crosslmm.train"):
+        model = load_model(config)
+    assert not model.config.use_v2v and "use_v2v=false" in caplog.text and "V2V blocks are not loaded" in caplog.text
+    assert "use_t2v" not in caplog.text  # switched on, nothing dropped
+
+
 def test_a_run_whose_records_are_mostly_unreadable_stops_with_the_reasons(workspace, tmp_path):
     records = json.loads((workspace / "data" / "train.json").read_text())
     elsewhere = tmp_path / "records.json"

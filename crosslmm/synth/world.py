@@ -862,7 +862,7 @@ LETTER_HOP_PREFIX = "The answer is "
 
 
 def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, first: int = 0,
-                       families: Sequence[str] | None = None) -> list[dict]:
+                       families: Sequence[str] | None = None, mc_reply: str = "letter") -> list[dict]:
     """The option-letter hop alone, as text: per fresh scene one multiple-choice question
     of the world, its answer stated before it ("The answer is up."), the option letter as
     the reply.
@@ -875,7 +875,8 @@ def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, f
     balanced as in the datasets; `families` keeps only those (a scene without one of them
     gives no record), for a curriculum that crosses the plateau on a few answer words
     first. Scenes are the text world's (`TEXT_WORLD_FIRST_INDEX + first + i`): never a
-    video of a dataset; `first` keeps a held-out probe apart."""
+    video of a dataset; `first` keeps a held-out probe apart. `mc_reply` as in
+    `write_dataset` ("option-letter": the reply repeats the given answer, then its letter)."""
     balancer, records = Balancer(), []
     for i in range(first, first + count):
         index = TEXT_WORLD_FIRST_INDEX + i
@@ -890,12 +891,12 @@ def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, f
         fact = balancer.least_used(rng, candidates, lambda f: balancer.answers[family, "mc", f.answer])
         balancer.families[family] += 1
         balancer.answers[family, "mc", fact.answer] += 1
-        record = _mc_record(fact, rng, balancer)
+        record = _mc_record(fact, rng, balancer, mc_reply)
         question = record["conversations"][0]["value"].replace("<video>\n", "", 1)
         records.append({"id": f"hop{index:07d}", "type": "text_world", "questions": [
             {k: record[k] for k in ("type", "form", "answer")}], "conversations": [
             {"from": "human", "value": f"{LETTER_HOP_PREFIX}{fact.answer}.\n{question}"},
-            {"from": "gpt", "value": record["answer"]}]})
+            {"from": "gpt", "value": record["conversations"][1]["value"]}]})
     return records
 
 
