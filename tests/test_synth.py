@@ -365,8 +365,12 @@ def test_option_letter_replies_name_the_option_then_its_letter(dataset, tmp_path
             continue
         option = r["options"][LETTERS.index(r["answer"])]
         assert gpt["value"] == f"{option} ({r['answer']})" and human["value"].endswith(MC_SUFFIXES["option-letter"])
-        assert extract(gpt["value"], "mc") == r["answer"] == extract_answer("synthetic", gpt["value"])
-        assert is_correct(gpt["value"], r)
+        sentence = restyle_mc(r, "sentence")
+        assert sentence["conversations"][1]["value"] == f"The answer is {option} ({r['answer']})"
+        assert sentence["conversations"][0]["value"].endswith(MC_SUFFIXES["sentence"])
+        for reply in (gpt["value"], sentence["conversations"][1]["value"]):
+            assert extract(reply, "mc") == r["answer"] == extract_answer("synthetic", reply)
+            assert is_correct(reply, r)
     with pytest.raises(ValueError, match="mc_reply"):
         write_dataset(tmp_path / "bad", 2, SEED, mc_reply="word")
     with pytest.raises(ValueError, match="multiple-choice instruction"):

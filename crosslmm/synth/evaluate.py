@@ -43,7 +43,7 @@ def is_correct(prediction: str, record: dict) -> bool:
     return extract(prediction, record["form"]) == expected
 
 
-def evaluate(model, processor, records: list[dict], media_root: str | Path, max_new_tokens: int = 12) -> dict:
+def evaluate(model, processor, records: list[dict], media_root: str | Path, max_new_tokens: int = 16) -> dict:
     """Greedy answers for `records`; returns overall and per (type, form) accuracy and the
     predictions themselves."""
     hits: dict[str, list[int]] = defaultdict(list)
@@ -60,7 +60,7 @@ def evaluate(model, processor, records: list[dict], media_root: str | Path, max_
     return {"accuracy": accuracy, "count": counts, "predictions": predictions}
 
 
-def evaluate_text_world(model, processor, records: list[dict], max_new_tokens: int = 8) -> dict:
+def evaluate_text_world(model, processor, records: list[dict], max_new_tokens: int = 16) -> dict:
     """Accuracy of a text-pretrained LLM on `text_world_records`: every question asked
     alone after its scene's caption as text, the way a video question is asked after the
     video (multi-turn context would let earlier answers leak). What the base LLM knows of

@@ -74,11 +74,14 @@ MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 # benchmarks ask (MC_SUFFIX). "option-letter": the option's text, then its letter in
 # brackets ("up (B)"): the answer word first turns the option-letter hop, which a small
 # language model learns only after a long plateau (docs/synthetic.md), into a copy of the
-# letter in front of the word just written. Scored the same way: the first standalone letter.
-MC_REPLIES: tuple[str, ...] = ("letter", "option-letter")
+# letter in front of the word just written. "sentence": "The answer is up (B)", the same
+# with the word spelled as it is in the options (a leading space, so the same token).
+# Scored the same way: the first standalone letter.
+MC_REPLIES: tuple[str, ...] = ("letter", "option-letter", "sentence")
 MC_SUFFIXES: dict[str, str] = {
     "letter": MC_SUFFIX,
     "option-letter": "Answer with the option's text from the given choices, then its letter in brackets.",
+    "sentence": "Answer with \"The answer is\", the option's text from the given choices, then its letter in brackets.",
 }
 SHORT_SUFFIX = "Answer the question using a single word."
 
@@ -578,7 +581,10 @@ def mc_reply(options: Sequence[str], letter: str, style: str) -> str:
     """The assistant's reply to a multiple-choice question whose answer is `letter`."""
     if style not in MC_REPLIES:
         raise ValueError(f"mc_reply must be one of {MC_REPLIES}, got {style!r}")
-    return letter if style == "letter" else f"{options[LETTERS.index(letter)]} ({letter})"
+    if style == "letter":
+        return letter
+    reply = f"{options[LETTERS.index(letter)]} ({letter})"
+    return reply if style == "option-letter" else f"The answer is {reply}"
 
 
 def restyle_mc(record: dict, style: str) -> dict:
