@@ -53,10 +53,13 @@ def test_two_fsdp_processes_train_the_same_weights_as_one_process(workspace, fsd
     assert a.keys() == b.keys()
     moved = max(float((a[k] - init[k].float()).abs().max()) for k in init if k in a)
     assert moved > 1e-3  # the runs trained: the comparison below is not between two copies of the start
-    # Equal up to the order of float additions in the reduce-scatter (Adam turns ~1e-9 gradient
-    # differences into <= ~1e-6 weight differences after 4 steps at lr 1e-3).
+    # Equal up to the order of float additions in the reduce-scatter: Adam turns ~1e-9 gradient
+    # differences into weight differences of up to 2.3e-5 after 4 steps at lr 1e-3 (measured on
+    # 2026-12-04: an element whose gradient is near zero moves by a large fraction of lr on
+    # either side). A real fault (one rank's gradients left out of the reduction, a shard
+    # not updated) changes the updates themselves, by the order of lr = 1e-3 per step.
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4, msg=key)
     # The checkpoint is sharded: each process wrote its own part, nothing was gathered.
     latest = fsdp_run / "checkpoints" / (fsdp_run / "checkpoints" / "latest").read_text().strip()
     assert json.loads((latest / "sharding.json").read_text()) == {"sharded": True, "world_size": 2}
