@@ -300,8 +300,9 @@ def synth(
     frames: int = typer.Option(8, help="Frames per video."),
     size: int = typer.Option(64, help="Frame side in pixels (>= 48)."),
     questions_per_video: int = typer.Option(3, help="Questions asked about each video."),
-    mc_reply: str = typer.Option("letter", help="How multiple choice is answered: letter (the letter alone) or "
-                                                "option-letter (\"up (B)\"; docs/synthetic.md)."),
+    mc_reply: str = typer.Option("letter", help="How multiple choice is answered: letter (the letter alone), "
+                                                "option-letter (\"up (B)\") or sentence (\"The answer is up (B)\"); "
+                                                "docs/synthetic.md."),
 ) -> None:
     """Generate the synthetic fine-grained video QA world (real mp4 files + LLaVA records)."""
     from crosslmm.synth import write_dataset
@@ -406,7 +407,7 @@ def demo(
     model: Path = typer.Option(None, help="A CrossLMM checkpoint directory (default: the bundled model)."),
     seed: int = typer.Option(0, help="Which fresh scene to generate."),
     questions: int = typer.Option(6, help="How many questions to ask."),
-    mc_reply: str = typer.Option(None, help="Multiple-choice style, letter or option-letter (default: the one "
+    mc_reply: str = typer.Option(None, help="Multiple-choice style: letter, option-letter or sentence (default: the one "
                                             "the model's training.json names, else letter)."),
 ) -> None:
     """Generate a video, ask it questions, compare with the truth, and draw where T2V looked."""

@@ -64,17 +64,17 @@ class Progress:
 def load_model(config: TrainConfig) -> CrossLMMForCausalLM:
     model_config = CrossLMMConfig.from_pretrained(config.model, local_files_only=True)
     if config.model_overrides:
-        stored = model_config
+        checkpoint_config = model_config
         try:
             model_config = CrossLMMConfig(**{**model_config.to_dict(), **config.model_overrides})
         except ValueError as err:  # say where the offending options came from: not the checkpoint
             raise ValueError(f"the recipe's model_overrides {dict(config.model_overrides)} make {config.model} "
                              f"an invalid model: {err}") from err
         for switch in ("use_v2v", "use_t2v"):
-            if getattr(stored, switch) and not getattr(model_config, switch):
+            if getattr(checkpoint_config, switch) and not getattr(model_config, switch):
                 # Easy to miss: a text-only recipe switching DCALs off drops a trained
                 # model's cross-attention weights, and the exported model has none.
-                log.warning("model_overrides %s=false: %s's trained %s blocks are not loaded and the model this "
+                log.warning("model_overrides %s=false: %s's %s blocks are not loaded and the model this "
                             "run writes has none", switch, config.model, switch[4:].upper())
     if config.stage == 2 and not model_config.use_t2v and "use_t2v" not in config.model_overrides:
         log.info("stage 2: switching T2V on (new T2V blocks start closed, adding exactly zero)")
