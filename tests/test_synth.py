@@ -419,6 +419,22 @@ def test_answer_extraction_for_scoring():
     assert extract("Red.", "short") == "red" and extract("  3 circles", "short") == "3" and extract("", "short") == ""
 
 
+def test_option_reply_breakdown_separates_the_option_named_from_the_letter():
+    from crosslmm.synth.evaluate import option_reply, option_reply_breakdown
+
+    assert option_reply("The answer is does not move (B)") == ("does not move", "B")
+    assert option_reply("up (C)") == ("up", "C") and option_reply("B") is None
+    record = {"form": "mc", "type": "count", "answer": "B", "options": ["4", "2", "0", "1"]}
+    answered = [(record, "2 (B)"), (record, "2 (A)"), (record, "4 (A)"), (record, "7 (B)"), (record, "C"),
+                ({"form": "short", "type": "count", "answer": "2"}, "2")]
+    counts = option_reply_breakdown(answered)
+    assert counts.keys() == {"all", "count"} and counts["all"] == counts["count"]
+    row = counts["all"]
+    assert (row["questions"], row["names_an_option"], row["option_right"], row["letter_follows"], row["letter_right"]) \
+        == (5, 3, 2, 2, 2)
+    assert row["letter_follows_rate"] == 2 / 3 and row["option_right_rate"] == row["letter_right_rate"] == 2 / 5
+
+
 def test_synth_eval_command_scores_every_question(tmp_path):
     from typer.testing import CliRunner
 

@@ -65,7 +65,7 @@ ANNOTATION_PATTERNS = {
 }
 ANNOTATION_PATTERNS["videomme-sub"] = ANNOTATION_PATTERNS["videomme"]
 MAX_NEW_TOKENS = {"mvbench": 16, "perceptiontest": 32, "longvideobench": 32, "mlvu": 16, "videomme": 16,
-                  "videomme-sub": 16, "synthetic": 16}
+                  "videomme-sub": 16, "synthetic": 16}  # synthetic: crosslmm.synth.evaluate.ANSWER_TOKENS
 # How many options each benchmark's letters can name (its prompt or its extraction).
 MAX_OPTIONS = {"mvbench": 5, "perceptiontest": 3, "longvideobench": 5, "mlvu": 26, "videomme": 4, "videomme-sub": 4,
                "synthetic": 4}

@@ -45,7 +45,7 @@ from crosslmm.infer import generate_answer, load
 from crosslmm.model.cross_attention import GatedCrossAttention
 from crosslmm.model.dcal import DCALContext, DCALDecoderLayer
 from crosslmm.model.modeling import CrossLMMForCausalLM
-from crosslmm.synth.evaluate import is_correct
+from crosslmm.synth.evaluate import ANSWER_TOKENS, is_correct
 from crosslmm.synth.world import (
     FAMILIES,
     FORMS,
@@ -64,7 +64,7 @@ from crosslmm.synth.world import (
 # Video index of the demo scene: write_dataset uses indices 0..n-1, so no training set
 # of any realistic size contains this scene, whatever its seed.
 DEMO_INDEX = 1_000_000_000
-MAX_NEW_TOKENS = 16  # as crosslmm.synth.evaluate: a letter, one word, or an option and its letter
+MAX_NEW_TOKENS = ANSWER_TOKENS  # as crosslmm.synth.evaluate
 
 
 # --------------------------------------------------------------------------- questions

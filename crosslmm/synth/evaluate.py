@@ -18,14 +18,27 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from crosslmm.infer import answer
-from crosslmm.synth.world import CAPTION_PROMPT, LETTERS, Scene, caption, caption_record, scene_for, split_indices
+from crosslmm.synth.world import (
+    CAPTION_PROMPT,
+    LETTERS,
+    MC_SENTENCE_PREFIX,
+    Scene,
+    caption,
+    caption_record,
+    scene_for,
+    split_indices,
+)
+
+# New tokens for an answer: a letter, one word, or the longest option-text reply
+# ("The answer is does not move (B)": 14 tokens with this world's tokenizer, then EOS).
+ANSWER_TOKENS = 16
 
 
 def extract(prediction: str, form: str) -> str:
@@ -43,7 +56,42 @@ def is_correct(prediction: str, record: dict) -> bool:
     return extract(prediction, record["form"]) == expected
 
 
-def evaluate(model, processor, records: list[dict], media_root: str | Path, max_new_tokens: int = 16) -> dict:
+_OPTION_REPLY = re.compile(rf"^(?:{re.escape(MC_SENTENCE_PREFIX)})?(?P<option>.+?)\s*\((?P<letter>[{LETTERS}])\)")
+
+
+def option_reply(prediction: str) -> tuple[str, str] | None:
+    """(option text, letter) of a reply in an option-text style ("up (B)", "The answer
+    is up (B)"), or None."""
+    match = _OPTION_REPLY.match(prediction.strip())
+    return (match["option"], match["letter"]) if match else None
+
+
+def option_reply_breakdown(answered: Iterable[tuple[dict, str]]) -> dict[str, dict[str, float]]:
+    """Where multiple-choice replies in an option-text style went wrong, overall and per
+    family, from (record, prediction) pairs: `option_right` (the reply names the correct
+    option: perception), `letter_follows` (of the replies that name an option, those whose
+    letter is that option's: the copy; 0.25 without one) and `letter_right` (the scored
+    letter). Counts beside the rates."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for record, prediction in answered:
+        if record["form"] != "mc":
+            continue
+        options, reply = record["options"], option_reply(prediction)
+        named = reply is not None and reply[0] in options
+        for key in ("all", record["type"]):
+            c = counts[key]
+            c["questions"] += 1
+            c["names_an_option"] += named
+            c["option_right"] += named and reply[0] == options[LETTERS.index(record["answer"])]
+            c["letter_follows"] += named and LETTERS[options.index(reply[0])] == reply[1]
+            c["letter_right"] += is_correct(prediction, record)
+    return {key: {**c, "option_right_rate": c["option_right"] / c["questions"],
+                  "letter_follows_rate": c["letter_follows"] / max(c["names_an_option"], 1),
+                  "letter_right_rate": c["letter_right"] / c["questions"]}
+            for key, c in sorted(counts.items())}
+
+
+def evaluate(model, processor, records: list[dict], media_root: str | Path, max_new_tokens: int = ANSWER_TOKENS) -> dict:
     """Greedy answers for `records`; returns overall and per (type, form) accuracy and the
     predictions themselves."""
     hits: dict[str, list[int]] = defaultdict(list)
@@ -60,7 +108,7 @@ def evaluate(model, processor, records: list[dict], media_root: str | Path, max_
     return {"accuracy": accuracy, "count": counts, "predictions": predictions}
 
 
-def evaluate_text_world(model, processor, records: list[dict], max_new_tokens: int = 16) -> dict:
+def evaluate_text_world(model, processor, records: list[dict], max_new_tokens: int = ANSWER_TOKENS) -> dict:
     """Accuracy of a text-pretrained LLM on `text_world_records`: every question asked
     alone after its scene's caption as text, the way a video question is asked after the
     video (multi-turn context would let earlier answers leak). What the base LLM knows of

@@ -78,6 +78,7 @@ MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 # with the word spelled as it is in the options (a leading space, so the same token).
 # Scored the same way: the first standalone letter.
 MC_REPLIES: tuple[str, ...] = ("letter", "option-letter", "sentence")
+MC_SENTENCE_PREFIX = "The answer is "
 MC_SUFFIXES: dict[str, str] = {
     "letter": MC_SUFFIX,
     "option-letter": "Answer with the option's text from the given choices, then its letter in brackets.",
@@ -584,7 +585,7 @@ def mc_reply(options: Sequence[str], letter: str, style: str) -> str:
     if style == "letter":
         return letter
     reply = f"{options[LETTERS.index(letter)]} ({letter})"
-    return reply if style == "option-letter" else f"The answer is {reply}"
+    return reply if style == "option-letter" else MC_SENTENCE_PREFIX + reply
 
 
 def restyle_mc(record: dict, style: str) -> dict:
@@ -882,7 +883,8 @@ def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, f
     gives no record), for a curriculum that crosses the plateau on a few answer words
     first. Scenes are the text world's (`TEXT_WORLD_FIRST_INDEX + first + i`): never a
     video of a dataset; `first` keeps a held-out probe apart. `mc_reply` as in
-    `write_dataset` ("option-letter": the reply repeats the given answer, then its letter)."""
+    `write_dataset` (the two styles with the option's text: the reply repeats the given
+    answer, then its letter)."""
     balancer, records = Balancer(), []
     for i in range(first, first + count):
         index = TEXT_WORLD_FIRST_INDEX + i
