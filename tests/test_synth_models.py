@@ -344,6 +344,22 @@ def test_letter_hop_records_state_the_answer_and_reply_its_letter():
     assert motion and {r["questions"][0]["type"] for r in motion} == {"motion_direction"}
 
 
+def test_unstated_letter_hop_leaves_only_the_copy_from_the_reply():
+    from crosslmm.synth.world import LETTER_HOP_PREFIX, letter_hop_records
+
+    stated = letter_hop_records(0, 30, mc_reply="option-letter")
+    unstated = letter_hop_records(0, 30, mc_reply="option-letter", stated=False)
+    for with_answer, without in zip(stated, unstated):
+        assert with_answer["id"] == without["id"] and with_answer["questions"] == without["questions"]
+        human, gpt = (turn["value"] for turn in without["conversations"])
+        assert LETTER_HOP_PREFIX not in human  # nothing in the prompt says which option is right
+        assert human == with_answer["conversations"][0]["value"].split("\n", 1)[1]
+        options = dict(line.split(". ", 1) for line in human.split("\n")[1:5])
+        word, letter = gpt.rsplit(" (", 1)
+        assert options[letter[:-1]] == word and letter[:-1] == without["questions"][0]["answer"]
+    with pytest.raises(ValueError, match="option's text"):
+        letter_hop_records(0, 5, stated=False)  # a bare letter would be unknowable
+
 @pytest.mark.parametrize("caption_as_answer", [False, True])
 def test_text_world_evaluation_asks_every_question_after_its_caption(tmp_path, caption_as_answer):
     from crosslmm.infer import load

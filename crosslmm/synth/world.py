@@ -869,7 +869,8 @@ LETTER_HOP_PREFIX = "The answer is "
 
 
 def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, first: int = 0,
-                       families: Sequence[str] | None = None, mc_reply: str = "letter") -> list[dict]:
+                       families: Sequence[str] | None = None, mc_reply: str = "letter",
+                       stated: bool = True) -> list[dict]:
     """The option-letter hop alone, as text: per fresh scene one multiple-choice question
     of the world, its answer stated before it ("The answer is up."), the option letter as
     the reply.
@@ -884,7 +885,17 @@ def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, f
     first. Scenes are the text world's (`TEXT_WORLD_FIRST_INDEX + first + i`): never a
     video of a dataset; `first` keeps a held-out probe apart. `mc_reply` as in
     `write_dataset` (the two styles with the option's text: the reply repeats the given
-    answer, then its letter)."""
+    answer, then its letter).
+
+    `stated=False` leaves the answer out (option-text styles only): the reply's option
+    text is then unknowable from the prompt, so the one thing left to learn is the copy
+    from the reply's own words to their letter — the path a video question takes after
+    the model has named its answer. With the answer stated, a model may instead match
+    the statement against the options, a copy that does not carry over to video
+    questions (docs/synthetic.md, "2026-12-04")."""
+    if not stated and mc_reply == "letter":
+        raise ValueError("stated=False needs a reply style with the option's text (option-letter or sentence): "
+                         "a bare letter is unknowable without the answer")
     balancer, records = Balancer(), []
     for i in range(first, first + count):
         index = TEXT_WORLD_FIRST_INDEX + i
@@ -901,9 +912,10 @@ def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, f
         balancer.answers[family, "mc", fact.answer] += 1
         record = _mc_record(fact, rng, balancer, mc_reply)
         question = record["conversations"][0]["value"].replace("<video>\n", "", 1)
+        statement = f"{LETTER_HOP_PREFIX}{fact.answer}.\n" if stated else ""
         records.append({"id": f"hop{index:07d}", "type": "text_world", "questions": [
             {k: record[k] for k in ("type", "form", "answer")}], "conversations": [
-            {"from": "human", "value": f"{LETTER_HOP_PREFIX}{fact.answer}.\n{question}"},
+            {"from": "human", "value": statement + question},
             {"from": "gpt", "value": record["conversations"][1]["value"]}]})
     return records
 
