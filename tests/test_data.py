@@ -137,6 +137,25 @@ def test_multi_turn_with_system_prompt(processor, media_root):
     assert full.count("<|im_start|>") == 5
 
 
+def test_a_given_prefix_of_an_answer_is_context_not_learned(processor, media_root):
+    turns = [("human", "<video>\nwhich colour?\nA. red\nB. blue"), ("gpt", "blue (B)"),
+             ("human", "and the shape?"), ("gpt", "square")]
+    plain = processor.encode_record(record(media="videos/a.mp4", turns=turns), media_root)
+    given = record(media="videos/a.mp4", turns=turns)
+    given["conversations"][1]["given"] = "blue"
+    example = processor.encode_record(given, media_root)
+    assert torch.equal(example["input_ids"], plain["input_ids"])  # the same text, token for token
+    assert learned_spans(processor, example) == [" (B)<|im_end|>", "square<|im_end|>"]
+    for bad in ("red", "blue (B)"):  # not a prefix; the whole answer
+        given["conversations"][1]["given"] = bad
+        with pytest.raises(RecordError, match="given"):
+            processor.encode_record(given, media_root)
+    given["conversations"][1]["given"] = None
+    given["conversations"][0]["given"] = "<video>"  # only an assistant turn has a given prefix
+    with pytest.raises(RecordError, match="given"):
+        processor.encode_record(given, media_root)
+
+
 def test_image_record(processor, media_root):
     example = processor.encode_record(
         record(key="image", media="images/p.png", turns=[("human", "<image>\ndescribe"), ("gpt", "a square")]),

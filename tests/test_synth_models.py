@@ -357,6 +357,7 @@ def test_unstated_letter_hop_leaves_only_the_copy_from_the_reply():
         options = dict(line.split(". ", 1) for line in human.split("\n")[1:5])
         word, letter = gpt.rsplit(" (", 1)
         assert options[letter[:-1]] == word and letter[:-1] == without["questions"][0]["answer"]
+        assert without["conversations"][1]["given"] == word  # context: only " (D)" is learned
     with pytest.raises(ValueError, match="option's text"):
         letter_hop_records(0, 5, stated=False)  # a bare letter would be unknowable
 

@@ -16,6 +16,9 @@ Training labels are built by rendering the chat template incrementally (see
 learned, never the user turns or the assistant header. A template whose renderings are
 not prefix-consistent (e.g. one that rewrites earlier turns) is refused, because there
 the token boundaries of "what the model saw" and "what it must predict" are undefined.
+An assistant turn may name a `given` prefix of its value (`{"from": "gpt", "value":
+"left (D)", "given": "left"}`): that prefix is context, as a prefilled reply is at
+inference, and only the rest is learned.
 
 Records that cannot be encoded correctly raise `RecordError`; nothing is silently
 repaired (no inserted placeholder, no reused media, no substituted sample).
@@ -278,7 +281,8 @@ class CrossLMMProcessor:
     def _encode_record(self, record, media_root: Path, load_pixels: bool, frame_counts, uint8_pixels: bool = False
                        ) -> dict[str, Any]:
         relative_paths = _record_media(record)
-        chat = [{"role": role, "content": self._with_media_token(text)} for role, text in _record_turns(record)]
+        chat = [{"role": role, "content": self._with_media_token(text), "given": given}
+                for role, text, given in _record_turns(record)]
         placeholders = sum(m["content"].count(self.media_token) for m in chat)
         if placeholders != len(relative_paths):
             raise RecordError(
@@ -386,6 +390,8 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, chat: list[dict[str, str]], 
     text part instead, so no question ever disappears from a prompt."""
     if _template_wants_typed_content(tokenizer):
         chat = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in chat]
+    else:  # only what a template knows (a record turn's `given` is ours)
+        chat = [{"role": m["role"], "content": m["content"]} for m in chat]
     return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
@@ -437,7 +443,11 @@ def _render_segments(tokenizer: PreTrainedTokenizerBase, chat: list[dict[str, st
         answered = render(chat[: i + 1], False)
         _require_prefix(done, prompt, i)
         _require_prefix(prompt, answered, i)
-        segments += [_Segment(prompt[len(done):], False), _Segment(answered[len(prompt):], True)]
+        answer = answered[len(prompt):]
+        given = message.get("given") or ""
+        if not answer.startswith(given):  # a template that rewrites the answer's start
+            raise RecordError(f"turn {i}: the rendered answer does not start with its given prefix {given!r}")
+        segments += [_Segment(prompt[len(done):] + given, False), _Segment(answer[len(given):], True)]
         done = answered
     full = render(chat, False)
     _require_prefix(done, full, len(chat))
@@ -488,7 +498,8 @@ def _record_media(record: Mapping[str, Any]) -> list[str]:
     return paths
 
 
-def _record_turns(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+def _record_turns(record: Mapping[str, Any]) -> list[tuple[str, str, str | None]]:
+    """(role, text, given prefix or None) per turn, checked."""
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise RecordError("has no 'conversations' list")
@@ -498,10 +509,14 @@ def _record_turns(record: Mapping[str, Any]) -> list[tuple[str, str]]:
         value = turn.get("value") if isinstance(turn, Mapping) else None
         if speaker not in ROLES or not isinstance(value, str):
             raise RecordError(f"turn {n} must be {{'from': human|gpt|system, 'value': str}}, got {turn!r}")
-        turns.append((ROLES[speaker], value))
-    if not any(role == "assistant" for role, _ in turns):
+        given = turn.get("given")
+        if given is not None and (ROLES[speaker] != "assistant" or not isinstance(given, str)
+                                  or not value.startswith(given) or given == value):
+            raise RecordError(f"turn {n}: 'given' must be a proper prefix of an assistant turn's value, got {given!r}")
+        turns.append((ROLES[speaker], value, given))
+    if not any(role == "assistant" for role, _, _ in turns):
         raise RecordError("the conversation has no assistant ('gpt') turn, so there is nothing to learn")
-    if any(role == "assistant" and any(p in text for p in PLACEHOLDERS) for role, text in turns):
+    if any(role == "assistant" and any(p in text for p in PLACEHOLDERS) for role, text, _ in turns):
         raise RecordError("a media placeholder sits in an assistant turn; media belong in user turns")
     return turns
 

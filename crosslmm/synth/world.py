@@ -892,7 +892,9 @@ def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, f
     from the reply's own words to their letter — the path a video question takes after
     the model has named its answer. With the answer stated, a model may instead match
     the statement against the options, a copy that does not carry over to video
-    questions (docs/synthetic.md, "2026-12-04")."""
+    questions (docs/synthetic.md, "2026-12-04"). The reply's option text is then `given`
+    (context, not learned: see `crosslmm.data.processor`), so the model is not also
+    taught that a question's answer is a guess."""
     if not stated and mc_reply == "letter":
         raise ValueError("stated=False needs a reply style with the option's text (option-letter or sentence): "
                          "a bare letter is unknowable without the answer")
@@ -913,10 +915,12 @@ def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, f
         record = _mc_record(fact, rng, balancer, mc_reply)
         question = record["conversations"][0]["value"].replace("<video>\n", "", 1)
         statement = f"{LETTER_HOP_PREFIX}{fact.answer}.\n" if stated else ""
+        reply = {"from": "gpt", "value": record["conversations"][1]["value"]}
+        if not stated:
+            reply["given"] = reply["value"].rsplit(" (", 1)[0]
         records.append({"id": f"hop{index:07d}", "type": "text_world", "questions": [
             {k: record[k] for k in ("type", "form", "answer")}], "conversations": [
-            {"from": "human", "value": statement + question},
-            {"from": "gpt", "value": record["conversations"][1]["value"]}]})
+            {"from": "human", "value": statement + question}, reply]})
     return records
 
 
