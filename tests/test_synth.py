@@ -378,6 +378,24 @@ def test_option_letter_replies_name_the_option_then_its_letter(dataset, tmp_path
             {"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "A"}]}, "letter")
 
 
+def test_a_copy_drill_names_any_option_and_teaches_only_its_letter(dataset):
+    from crosslmm.synth.world import copy_drill, restyle_mc
+
+    records = all_records(dataset)
+    mc = restyle_mc(next(r for r in records if r["form"] == "mc"), "option-letter")
+    for letter in LETTERS:  # the right option or not: the drill is the copy alone
+        drill = copy_drill(mc, letter)
+        option = mc["options"][LETTERS.index(letter)]
+        assert drill["conversations"][0] == mc["conversations"][0] and drill["answer"] == letter
+        assert drill["conversations"][1] == {"from": "gpt", "value": f"{option} ({letter})", "given": option}
+    sentence = copy_drill(restyle_mc(mc, "sentence"), "B")["conversations"][1]
+    assert sentence["given"] == f"The answer is {mc['options'][1]}"
+    with pytest.raises(ValueError, match="copy drill"):
+        copy_drill(restyle_mc(mc, "letter"), "A")  # a bare letter reply has no text to copy from
+    with pytest.raises(ValueError, match="copy drill"):
+        copy_drill(next(r for r in records if r["form"] == "short"), "A")
+
+
 def test_answers_are_balanced(dataset):
     records = all_records(dataset)
     letters = Counter(r["answer"] for r in records if r["form"] == "mc")

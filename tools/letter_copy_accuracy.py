@@ -31,21 +31,24 @@ from crosslmm.infer import load
 LETTERS = "ABCD"
 
 
-def _question(record: dict) -> tuple[str, dict[str, str], str]:
-    """(prompt, {letter: option text}, right letter) of a pixel or text MC record."""
+def _question(record: dict) -> tuple[str, dict[str, str], str, str]:
+    """(prompt, {letter: option text}, right letter, reply prefix) of a pixel or text MC
+    record; the prefix is what its reply writes before the option text ("The answer is "
+    in the sentence style)."""
     prompt = record["conversations"][0]["value"]
     lines = [line for line in prompt.split("\n") if line[:3] in {f"{x}. " for x in LETTERS}]
     options = {line[0]: line[3:] for line in lines}
     answer = record["answer"] if "answer" in record else record["questions"][0]["answer"]
-    return prompt, options, answer
+    reply = record["conversations"][1]["value"]
+    return prompt, options, answer, reply[: reply.rindex(f"{options[answer]} ({answer})")]
 
 
 @torch.no_grad()
-def _next_letter(model, processor, record: dict, prompt: str, word: str, letter: str, media_root: Path) -> str:
-    """The letter the model puts after `word (` in its reply, the reply given up to there."""
+def _next_letter(model, processor, record: dict, prompt: str, reply: str, letter: str, media_root: Path) -> str:
+    """The letter the model puts after `reply (`, the reply given up to there."""
     probe = {k: v for k, v in record.items() if k != "conversations"}
     probe["conversations"] = [{"from": "human", "value": prompt},
-                              {"from": "gpt", "value": f"{word} ({letter})", "given": word}]
+                              {"from": "gpt", "value": f"{reply} ({letter})", "given": reply}]
     example = processor.encode_record(probe, media_root)
     ids, labels = example["input_ids"], example["labels"]
     letter_ids = {processor.tokenizer.convert_tokens_to_ids(x): x for x in LETTERS}
@@ -54,7 +57,10 @@ def _next_letter(model, processor, record: dict, prompt: str, word: str, letter:
     pixels = example["pixel_values"]
     logits = model(input_ids=ids[None], pixel_values=None if pixels is None else pixels.to(model.dtype),
                    media_num_frames=example["media_num_frames"] if pixels is not None else None).logits
-    scores = logits[0, position - 1, list(letter_ids)]  # the logits that predict that label
+    # The logits run over the sequence with each media placeholder expanded into its
+    # pooled tokens; every placeholder sits in the prompt, before the reply.
+    shift = logits.shape[1] - len(ids)
+    scores = logits[0, position - 1 + shift, list(letter_ids)]  # the logits that predict that label
     return list(letter_ids.values())[int(scores.argmax())]
 
 
@@ -75,10 +81,11 @@ def main() -> None:
     rng = random.Random(0)
     right = distractor = distractor_named_right = 0
     for record in records:
-        prompt, options, answer = _question(record)
-        right += _next_letter(model, processor, record, prompt, options[answer], answer, args.records.parent) == answer
+        prompt, options, answer, prefix = _question(record)
+        right += _next_letter(model, processor, record, prompt, prefix + options[answer], answer,
+                              args.records.parent) == answer
         other = rng.choice([x for x in options if x != answer])
-        named = _next_letter(model, processor, record, prompt, options[other], other, args.records.parent)
+        named = _next_letter(model, processor, record, prompt, prefix + options[other], other, args.records.parent)
         distractor += named == other
         distractor_named_right += named == answer
     n = len(records)

@@ -603,6 +603,26 @@ def restyle_mc(record: dict, style: str) -> dict:
     return {**record, "conversations": [{**human, "value": prompt}, {**gpt, "value": reply}]}
 
 
+def copy_drill(record: dict, letter: str) -> dict:
+    """`record` (one multiple-choice question with a text-first reply, as in `<split>.json`)
+    as a drill of the copy alone: the reply names option `letter`, right or not, and its
+    text is `given` (context, not learned), so only that letter is taught.
+
+    A copy learned on text questions does not carry over to video questions even when the
+    reply's option text is given (docs/synthetic.md, "the copy without the answer
+    stated"); a drill teaches it where it is used, after a video, and because the named
+    option is chosen at random, perception can neither help nor be taught a wrong
+    answer."""
+    human, gpt = record["conversations"]
+    style = next((s for s, suffix in MC_SUFFIXES.items() if human["value"].endswith(suffix)), None)
+    if record.get("form") != "mc" or style not in ("option-letter", "sentence"):
+        raise ValueError(f"{record.get('id')}: a copy drill needs a multiple-choice record in the "
+                         f"option-letter or sentence style")
+    reply = mc_reply(record["options"], letter, style)
+    return {**record, "id": f"{record['id']}_drill{letter}", "answer": letter, "conversations": [
+        human, {**gpt, "value": reply, "given": reply.rsplit(" (", 1)[0]}]}
+
+
 def _mc_record(fact: Fact, rng: np.random.Generator, balancer: Balancer, style: str = "letter") -> dict:
     letter = balancer.least_used(rng, list(LETTERS), lambda x: balancer.letters[fact.family, x])
     balancer.letters[fact.family, letter] += 1
