@@ -14,13 +14,19 @@ on text hop records (`letter_hop_records`), whose replies have the same form.
 `CHECKPOINT` (a `checkpoints/step-*` folder of a run from MODEL) loads that step's
 trained weights over MODEL; `-` uses MODEL as it is.
 
-    python tools/letter_copy_accuracy.py MODEL CHECKPOINT|- RECORDS.json N
+`--by-option` instead asks every option of each question in turn and prints the copy
+rate per question family and option kind (one word, or several: docs/synthetic.md
+found the two copied very differently).
+
+    python tools/letter_copy_accuracy.py MODEL CHECKPOINT|- RECORDS.json N [--by-option]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -34,10 +40,15 @@ LETTERS = "ABCD"
 def _question(record: dict) -> tuple[str, dict[str, str], str, str]:
     """(prompt, {letter: option text}, right letter, reply prefix) of a pixel or text MC
     record; the prefix is what its reply writes before the option text ("The answer is "
-    in the sentence style)."""
+    in the sentence style). Options are listed "A. up", or "up (A)" (a diagnostic
+    listing, docs/synthetic.md)."""
     prompt = record["conversations"][0]["value"]
-    lines = [line for line in prompt.split("\n") if line[:3] in {f"{x}. " for x in LETTERS}]
-    options = {line[0]: line[3:] for line in lines}
+    options = {}
+    for line in prompt.split("\n"):
+        if line[:3] in {f"{x}. " for x in LETTERS}:
+            options[line[0]] = line[3:]
+        elif match := re.fullmatch(r"(.+) \(([A-D])\)", line):
+            options[match[2]] = match[1]
     answer = record["answer"] if "answer" in record else record["questions"][0]["answer"]
     reply = record["conversations"][1]["value"]
     return prompt, options, answer, reply[: reply.rindex(f"{options[answer]} ({answer})")]
@@ -64,12 +75,26 @@ def _next_letter(model, processor, record: dict, prompt: str, reply: str, letter
     return list(letter_ids.values())[int(scores.argmax())]
 
 
+def _by_option(model, processor, records: list[dict], media_root: Path) -> dict[str, str]:
+    """Copied / asked per "family/one word" and "family/several words"."""
+    copied, asked = Counter(), Counter()
+    for record in records:
+        family = record["questions"][0]["type"] if "questions" in record else record["type"]
+        prompt, options, _, prefix = _question(record)
+        for letter, text in options.items():
+            key = f"{family}/{'several words' if ' ' in text else 'one word'}"
+            copied[key] += _next_letter(model, processor, record, prompt, prefix + text, letter, media_root) == letter
+            asked[key] += 1
+    return {key: f"{copied[key]}/{asked[key]}" for key in sorted(asked)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
     parser.add_argument("checkpoint")
     parser.add_argument("records", type=Path)
     parser.add_argument("n", type=int)
+    parser.add_argument("--by-option", action="store_true", help="every option in turn, per family and option kind")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, processor = load(args.model)
@@ -78,6 +103,10 @@ def main() -> None:
         model.load_state_dict(load_file(Path(args.checkpoint) / "trainable.safetensors"), strict=False)
     records = json.loads(args.records.read_text())
     records = [r for r in records if r.get("form", "mc") == "mc"][: args.n]
+    if args.by_option:
+        print(json.dumps({"model": str(args.model), "checkpoint": args.checkpoint, "records": str(args.records),
+                          "questions": len(records), **_by_option(model, processor, records, args.records.parent)}))
+        return
     rng = random.Random(0)
     right = distractor = distractor_named_right = 0
     for record in records:
