@@ -608,11 +608,10 @@ def copy_drill(record: dict, letter: str) -> dict:
     as a drill of the copy alone: the reply names option `letter`, right or not, and its
     text is `given` (context, not learned), so only that letter is taught.
 
-    A copy learned on text questions does not carry over to video questions even when the
-    reply's option text is given (docs/synthetic.md, "the copy without the answer
-    stated"); a drill teaches it where it is used, after a video, and because the named
-    option is chosen at random, perception can neither help nor be taught a wrong
-    answer."""
+    A drill teaches the copy where it is used, after a video, and because the named
+    option is chosen at random, perception can neither help nor be taught a wrong answer
+    (measured in docs/synthetic.md, "the copy without the answer stated": drills teach
+    the same copy as text hops, which does carry over to video questions)."""
     human, gpt = record["conversations"]
     style = next((s for s, suffix in MC_SUFFIXES.items() if human["value"].endswith(suffix)), None)
     if record.get("form") != "mc" or style not in ("option-letter", "sentence"):
