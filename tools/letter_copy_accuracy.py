@@ -33,57 +33,60 @@ import torch
 from safetensors.torch import load_file
 
 from crosslmm.infer import load
+from crosslmm.synth.world import LETTERS, copy_drill
 
-LETTERS = "ABCD"
 
-
-def _question(record: dict) -> tuple[str, dict[str, str], str, str]:
-    """(prompt, {letter: option text}, right letter, reply prefix) of a pixel or text MC
-    record; the prefix is what its reply writes before the option text ("The answer is "
-    in the sentence style). Options are listed "A. up", or "up (A)" (a diagnostic
-    listing, docs/synthetic.md)."""
-    prompt = record["conversations"][0]["value"]
+def _question(record: dict) -> tuple[dict, str]:
+    """(the record with its `options` and `form`, right letter) of a video or text
+    multiple-choice record. Text hop records carry their options only in the prompt,
+    listed "A. up" or, in a diagnostic listing (docs/synthetic.md), "up (A)"."""
+    if "options" in record:
+        return record, record["answer"]
     options = {}
-    for line in prompt.split("\n"):
+    for line in record["conversations"][0]["value"].split("\n"):
         if line[:3] in {f"{x}. " for x in LETTERS}:
             options[line[0]] = line[3:]
         elif match := re.fullmatch(r"(.+) \(([A-D])\)", line):
             options[match[2]] = match[1]
-    answer = record["answer"] if "answer" in record else record["questions"][0]["answer"]
-    reply = record["conversations"][1]["value"]
-    return prompt, options, answer, reply[: reply.rindex(f"{options[answer]} ({answer})")]
+    question = record["questions"][0]
+    return {**record, "form": question["form"], "type": question["type"],
+            "options": [options[x] for x in LETTERS]}, question["answer"]
 
 
 @torch.no_grad()
-def _next_letter(model, processor, record: dict, prompt: str, reply: str, letter: str, media_root: Path) -> str:
-    """The letter the model puts after `reply (`, the reply given up to there."""
-    probe = {k: v for k, v in record.items() if k != "conversations"}
-    probe["conversations"] = [{"from": "human", "value": prompt},
-                              {"from": "gpt", "value": f"{reply} ({letter})", "given": reply}]
-    example = processor.encode_record(probe, media_root)
-    ids, labels = example["input_ids"], example["labels"]
-    letter_ids = {processor.tokenizer.convert_tokens_to_ids(x): x for x in LETTERS}
-    # the first learned position whose label is a letter token: the letter after " ("
-    position = next(i for i in range(len(labels)) if int(labels[i]) in letter_ids)
-    pixels = example["pixel_values"]
-    logits = model(input_ids=ids[None], pixel_values=None if pixels is None else pixels.to(model.dtype),
-                   media_num_frames=example["media_num_frames"] if pixels is not None else None).logits
-    # The logits run over the sequence with each media placeholder expanded into its
-    # pooled tokens; every placeholder sits in the prompt, before the reply.
-    shift = logits.shape[1] - len(ids)
-    scores = logits[0, position - 1 + shift, list(letter_ids)]  # the logits that predict that label
-    return list(letter_ids.values())[int(scores.argmax())]
+def _copied_letters(model, processor, record: dict, letters: list[str], media_root: Path) -> list[str]:
+    """For each letter L, the letter the model writes after `copy_drill(record, L)`'s given
+    option text. The video is decoded and encoded by the vision tower once per question."""
+    letter_ids = [processor.tokenizer.convert_tokens_to_ids(x) for x in LETTERS]
+    media, frame_counts, named = {}, None, []
+    for letter in letters:
+        example = processor.encode_record(copy_drill(record, letter), media_root,
+                                          load_pixels=frame_counts is None, frame_counts=frame_counts)
+        if example["pixel_values"] is not None:
+            media = {"vision_features": model.vision_tower(example["pixel_values"].to(model.dtype)),
+                     "media_num_frames": example["media_num_frames"]}
+            frame_counts = dict(zip(example["media_keys"], example["media_num_frames"].tolist()))
+        ids, labels = example["input_ids"], example["labels"]
+        # the first learned position whose label is a letter token: the letter after " ("
+        position = next(i for i in range(len(labels)) if int(labels[i]) in letter_ids)
+        logits = model(input_ids=ids[None], **media).logits
+        # The logits run over the sequence with each media placeholder expanded into its
+        # pooled tokens; every placeholder sits in the prompt, before the reply.
+        shift = logits.shape[1] - len(ids)
+        scores = logits[0, position - 1 + shift, letter_ids]  # the logits that predict that label
+        named.append(LETTERS[int(scores.argmax())])
+    return named
 
 
 def _by_option(model, processor, records: list[dict], media_root: Path) -> dict[str, str]:
     """Copied / asked per "family/one word" and "family/several words"."""
     copied, asked = Counter(), Counter()
     for record in records:
-        family = record["questions"][0]["type"] if "questions" in record else record["type"]
-        prompt, options, _, prefix = _question(record)
-        for letter, text in options.items():
-            key = f"{family}/{'several words' if ' ' in text else 'one word'}"
-            copied[key] += _next_letter(model, processor, record, prompt, prefix + text, letter, media_root) == letter
+        record, _ = _question(record)
+        for letter, named, text in zip(LETTERS, _copied_letters(model, processor, record, list(LETTERS), media_root),
+                                       record["options"]):
+            key = f"{record['type']}/{'several words' if ' ' in text else 'one word'}"
+            copied[key] += named == letter
             asked[key] += 1
     return {key: f"{copied[key]}/{asked[key]}" for key in sorted(asked)}
 
@@ -110,11 +113,10 @@ def main() -> None:
     rng = random.Random(0)
     right = distractor = distractor_named_right = 0
     for record in records:
-        prompt, options, answer, prefix = _question(record)
-        right += _next_letter(model, processor, record, prompt, prefix + options[answer], answer,
-                              args.records.parent) == answer
-        other = rng.choice([x for x in options if x != answer])
-        named = _next_letter(model, processor, record, prompt, prefix + options[other], other, args.records.parent)
+        record, answer = _question(record)
+        other = rng.choice([x for x in LETTERS if x != answer])
+        named_right, named = _copied_letters(model, processor, record, [answer, other], args.records.parent)
+        right += named_right == answer
         distractor += named == other
         distractor_named_right += named == answer
     n = len(records)

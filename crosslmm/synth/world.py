@@ -617,9 +617,14 @@ def copy_drill(record: dict, letter: str) -> dict:
     if record.get("form") != "mc" or style not in ("option-letter", "sentence"):
         raise ValueError(f"{record.get('id')}: a copy drill needs a multiple-choice record in the "
                          f"option-letter or sentence style")
-    reply = mc_reply(record["options"], letter, style)
-    return {**record, "id": f"{record['id']}_drill{letter}", "answer": letter, "conversations": [
-        human, {**gpt, "value": reply, "given": reply.rsplit(" (", 1)[0]}]}
+    reply = _option_text_given({**gpt, "value": mc_reply(record["options"], letter, style)})
+    return {**record, "id": f"{record['id']}_drill{letter}", "answer": letter, "conversations": [human, reply]}
+
+
+def _option_text_given(turn: dict) -> dict:
+    """A text-first multiple-choice reply turn ("left (D)", "The answer is left (D)") with
+    everything before its letter `given`: context, not learned (`crosslmm.data.processor`)."""
+    return {**turn, "given": turn["value"].rsplit(" (", 1)[0]}
 
 
 def _mc_record(fact: Fact, rng: np.random.Generator, balancer: Balancer, style: str = "letter") -> dict:
@@ -936,7 +941,7 @@ def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, f
         statement = f"{LETTER_HOP_PREFIX}{fact.answer}.\n" if stated else ""
         reply = {"from": "gpt", "value": record["conversations"][1]["value"]}
         if not stated:
-            reply["given"] = reply["value"].rsplit(" (", 1)[0]
+            reply = _option_text_given(reply)
         records.append({"id": f"hop{index:07d}", "type": "text_world", "questions": [
             {k: record[k] for k in ("type", "form", "answer")}], "conversations": [
             {"from": "human", "value": statement + question}, reply]})
