@@ -4,8 +4,9 @@ A text-only stage can teach the option-letter copy ("The answer is up (B)": writ
 letter in front of the option just named) in a way that leans on the answer stated in
 its text prompt; such a copy does not carry over to a video question, where nothing is
 stated. This answers the first `N` multiple-choice questions of a world's held-out file
-(videos beside it) the way `crosslmm.synth.evaluate.evaluate` does and prints the overall
-`option_reply_breakdown`: `letter_follows_rate` is about 0.25 without a copy.
+(videos beside it) the way `crosslmm.synth.evaluate.evaluate` does and prints its accuracy
+and the overall `option_reply_breakdown`: `letter_follows_rate` is about 0.25 without a
+copy.
 `CHECKPOINT` (a `checkpoints/step-*` folder of a run from MODEL) loads that step's
 trained weights over MODEL; `-` uses MODEL as it is.
 
@@ -36,9 +37,10 @@ def main() -> None:
     if args.checkpoint != "-":
         model.load_state_dict(load_file(Path(args.checkpoint) / "trainable.safetensors"), strict=False)
     records = [r for r in json.loads(args.test.read_text()) if r["form"] == "mc"][: args.n]
-    predictions = evaluate(model, processor, records, args.test.parent)["predictions"]
-    overall = option_reply_breakdown(zip(records, (p["prediction"] for p in predictions)))["all"]
-    print(json.dumps({"model": str(args.model), "checkpoint": args.checkpoint, **overall}))
+    result = evaluate(model, processor, records, args.test.parent)
+    overall = option_reply_breakdown(zip(records, (p["prediction"] for p in result["predictions"])))["all"]
+    print(json.dumps({"model": str(args.model), "checkpoint": args.checkpoint, "test": str(args.test),
+                      "accuracy": result["accuracy"], **overall}))
 
 
 if __name__ == "__main__":
