@@ -20,15 +20,12 @@ For each it prints the head with the largest right-minus-others difference per l
 """
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from crosslmm.infer import load
 from crosslmm.synth.world import LETTERS, LETTER_HOP_PREFIX
+from probe_model import load_probed, parser
 
 
 def _char_starts(tokenizer, ids: list[int]) -> list[int]:
@@ -80,18 +77,9 @@ def measure(model, processor, record: dict) -> dict | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", type=Path)
-    parser.add_argument("checkpoint")
-    parser.add_argument("records", type=Path)
-    parser.add_argument("n", type=int)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    model, processor = load(args.model)
-    model.eval()
+    args = parser(__doc__).parse_args()
+    model, processor = load_probed(args)
     model.language_model.set_attn_implementation("eager")  # attention weights are returned only by eager
-    if args.checkpoint != "-":
-        model.load_state_dict(load_file(Path(args.checkpoint) / "trainable.safetensors"), strict=False)
     rows = [m for r in json.loads(args.records.read_text())[: args.n] if (m := measure(model, processor, r))]
     mean = {k: torch.tensor([row[k] for row in rows]).mean(0) for k in rows[0]}  # (layers, heads)
     report = {"model": str(args.model), "checkpoint": args.checkpoint, "records": len(rows), "layers": []}

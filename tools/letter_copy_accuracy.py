@@ -11,8 +11,7 @@ distractor's letter (a model that answers from the video instead names the right
 
 Works on pixel questions (a world's option-letter held-out file, videos beside it) and
 on text hop records (`letter_hop_records`), whose replies have the same form.
-`CHECKPOINT` (a `checkpoints/step-*` folder of a run from MODEL) loads that step's
-trained weights over MODEL; `-` uses MODEL as it is.
+`CHECKPOINT|-`: a step of a run from MODEL, or MODEL itself (`tools/probe_model.py`).
 
 `--by-option` instead asks every option of each question in turn and prints the copy
 rate per question family and option kind (one word, or several: docs/synthetic.md
@@ -22,7 +21,6 @@ found the two copied very differently).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -30,10 +28,9 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from crosslmm.infer import load
 from crosslmm.synth.world import LETTERS, copy_drill
+from probe_model import load_probed, parser
 
 
 def _question(record: dict) -> tuple[dict, str]:
@@ -92,18 +89,10 @@ def _by_option(model, processor, records: list[dict], media_root: Path) -> dict[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", type=Path)
-    parser.add_argument("checkpoint")
-    parser.add_argument("records", type=Path)
-    parser.add_argument("n", type=int)
-    parser.add_argument("--by-option", action="store_true", help="every option in turn, per family and option kind")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    model, processor = load(args.model)
-    model.eval()
-    if args.checkpoint != "-":
-        model.load_state_dict(load_file(Path(args.checkpoint) / "trainable.safetensors"), strict=False)
+    arguments = parser(__doc__)
+    arguments.add_argument("--by-option", action="store_true", help="every option in turn, per family and option kind")
+    args = arguments.parse_args()
+    model, processor = load_probed(args)
     records = json.loads(args.records.read_text())
     records = [r for r in records if r.get("form", "mc") == "mc"][: args.n]
     if args.by_option:
