@@ -159,3 +159,42 @@ def test_a_temporal_embedding_starts_at_zero_loads_into_an_old_checkpoint_and_bo
             marked(ids, pixel_values=frames(5), media_num_frames=torch.tensor([5]))
     with pytest.raises(ValueError, match="no DCAL"):
         tiny_config(use_v2v=False, use_t2v=False, temporal_embedding_frames=4)
+
+
+def test_a_spatial_embedding_loads_into_an_old_checkpoint_and_a_positive_std_gives_distinct_codes(tmp_path):
+    """`spatial_embedding` (one row per patch position) added to a checkpoint saved
+    without it starts at zero by default, so the loaded model computes what it did;
+    with `identity_embedding_std` > 0 both identity tables start as distinct random codes,
+    which changes what trained blocks read, and a saved table is loaded, not redrawn."""
+    from crosslmm import CrossLMMConfig, CrossLMMForCausalLM
+    from crosslmm.model.modeling import parameter_part
+
+    model = tiny_model()
+    set_gates(model)
+    model.save_pretrained(tmp_path / "old")
+    ids, px, counts = torch.tensor([[5, MEDIA, 6, 7]]), frames(3), torch.tensor([3])
+    with torch.no_grad():
+        before = model.eval()(ids, pixel_values=px, media_num_frames=counts).logits
+    zero = CrossLMMConfig(**{**model.config.to_dict(), "spatial_embedding": True})
+    marked = CrossLMMForCausalLM.from_pretrained(tmp_path / "old", config=zero).eval()
+    assert parameter_part("spatial_embedding") == "projector"
+    assert marked.spatial_embedding.shape == (model.vision_tower.original_tokens_per_frame, zero.text_config.hidden_size)
+    assert not marked.spatial_embedding.any()
+    with torch.no_grad():
+        torch.testing.assert_close(marked(ids, pixel_values=px, media_num_frames=counts).logits, before)
+
+    coded = CrossLMMConfig(**{**model.config.to_dict(), "spatial_embedding": True, "temporal_embedding_frames": 4,
+                              "identity_embedding_std": 0.5})
+    drawn = CrossLMMForCausalLM.from_pretrained(tmp_path / "old", config=coded).eval()
+    for table in (drawn.spatial_embedding, drawn.temporal_embedding):
+        assert 0.4 < float(table.detach().std()) < 0.6
+    with torch.no_grad():
+        assert not torch.allclose(drawn(ids, pixel_values=px, media_num_frames=counts).logits, before)
+    drawn.save_pretrained(tmp_path / "new")
+    reloaded = CrossLMMForCausalLM.from_pretrained(tmp_path / "new").eval()
+    assert torch.equal(reloaded.spatial_embedding, drawn.spatial_embedding)
+    assert torch.equal(reloaded.temporal_embedding, drawn.temporal_embedding)
+    with pytest.raises(ValueError, match="no DCAL"):
+        tiny_config(use_v2v=False, use_t2v=False, spatial_embedding=True)
+    with pytest.raises(ValueError, match="identity_embedding_std"):
+        tiny_config(identity_embedding_std=-1.0)

@@ -73,6 +73,19 @@ class CrossLMMConfig(PretrainedConfig):
             "frame 3" through T2V. It starts at zero (the model computes what it did
             without it) and is off unless measured to help (docs/architecture.md,
             "Frame identity of the originals").
+        spatial_embedding: add a learned embedding of each original token's patch
+            position (N, D) to the original tokens, for the same reason: a trained
+            projector can discard where in the frame a patch was (measured on the
+            synthetic world: docs/architecture.md, "Frame identity of the originals"),
+            and a T2V query must find "the top-left quadrant". Off by default.
+        identity_embedding_std: the standard deviation the temporal and spatial
+            embeddings start with. 0 (default): they start at zero and the model computes
+            exactly what it did without them; their gradient then comes only from a
+            cross-attention that already uses them, which may never happen (the
+            zero-gate deadlock's pattern). A positive value gives every frame and patch
+            a distinct code from the first step; the model still starts adding nothing
+            through a new cross-attention block (its `o_proj` or gate is zero), but a
+            checkpoint's trained blocks see their originals shifted.
         cross_attention_init: how a new cross-attention block starts; both make it add
             exactly zero, so a fresh CrossLMM computes what the pooled-only model computes.
             "zero_output" (default): `o_proj` at zero and the gate at 1 (tanh 0.76).
@@ -106,6 +119,8 @@ class CrossLMMConfig(PretrainedConfig):
         cross_attention_init: str = "zero_output",
         v2v_at_last_layer: bool = False,
         temporal_embedding_frames: int = 0,
+        spatial_embedding: bool = False,
+        identity_embedding_std: float = 0.0,
         **kwargs: Any,
     ) -> None:
         self.vision_config = _as_config(vision_config, "siglip_vision_model")
@@ -126,6 +141,8 @@ class CrossLMMConfig(PretrainedConfig):
         self.cross_attention_init = cross_attention_init
         self.v2v_at_last_layer = v2v_at_last_layer
         self.temporal_embedding_frames = temporal_embedding_frames
+        self.spatial_embedding = spatial_embedding
+        self.identity_embedding_std = identity_embedding_std
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
         self.validate_crosslmm()
@@ -180,6 +197,15 @@ class CrossLMMConfig(PretrainedConfig):
                 "temporal_embedding_frames marks the original tokens the cross-attentions read; this model has no "
                 "DCAL (use_v2v and use_t2v are off), so set it to 0"
             )
+        if self.spatial_embedding and not self.use_dcal:
+            raise ValueError(
+                "spatial_embedding marks the original tokens the cross-attentions read; this model has no DCAL "
+                "(use_v2v and use_t2v are off), so switch it off"
+            )
+        if self.spatial_embedding and self.vision_config.model_type == "siglip2_vision_model":
+            raise ValueError("spatial_embedding needs a fixed patch grid; a NaFlex (siglip2) encoder has none")
+        if self.identity_embedding_std < 0:
+            raise ValueError(f"identity_embedding_std must be >= 0, got {self.identity_embedding_std}")
         vocab = self.text_config.vocab_size
         if self.media_token_id is not None and not 0 <= self.media_token_id < vocab:
             raise ValueError(f"media_token_id={self.media_token_id} is outside the LLM's vocabulary of {vocab}")

@@ -9,7 +9,7 @@ plus the cross-attention side cache.
 Weight names: `vision_tower.vit.*` (the transformers vision model), `projector.*`,
 `language_model.*` (the transformers causal LM, its own names unchanged), and
 `language_model.model.layers.{i}.v2v.*` / `.t2v.*` for the cross-attentions, and, where
-the config asks for them, `media_newline` (D,) and `temporal_embedding` (T, D).
+the config asks for them, `media_newline` (D,), `temporal_embedding` (T, D) and `spatial_embedding` (N, D).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def parameter_part(name: str) -> str:
         return "t2v"
     if name.startswith("vision_tower."):
         return "vision"
-    if name.startswith("projector.") or name in ("media_newline", "temporal_embedding"):
+    if name.startswith("projector.") or name in ("media_newline", "temporal_embedding", "spatial_embedding"):
         return "projector"
     return "llm"
 
@@ -109,9 +109,15 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
         for module in self.modules():
             if isinstance(module, GatedCrossAttention):
                 module.reset_to_closed(init.zeros_, init.constant_)
-        temporal = getattr(self, "temporal_embedding", None)
-        if temporal is not None:  # starts adding nothing, like the cross-attention blocks
-            init.zeros_(temporal)
+        std = self.config.identity_embedding_std
+        for name in ("temporal_embedding", "spatial_embedding"):
+            table = getattr(self, name, None)
+            if table is None:
+                continue
+            if std:  # a distinct code per frame / patch from the first step
+                init.normal_(table, mean=0.0, std=std)
+            else:  # starts adding nothing, like the cross-attention blocks
+                init.zeros_(table)
         newline = getattr(self, "media_newline", None)
         if newline is not None:  # LLaVA-OneVision's init of its image_newline
             init.normal_(newline, mean=0.0, std=newline.shape[0] ** -0.5)
@@ -130,6 +136,10 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         # tokens (`temporal_embedding_frames` = T), else absent.
         self.temporal_embedding = (nn.Parameter(torch.zeros(config.temporal_embedding_frames, config.text_config.hidden_size))
                                    if config.temporal_embedding_frames else None)
+        # (N, D): each original token's patch position within its frame, added to it
+        # (`spatial_embedding`), else absent.
+        self.spatial_embedding = (nn.Parameter(torch.zeros(config.vision_grid_size ** 2, config.text_config.hidden_size))
+                                  if config.spatial_embedding else None)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         install_dcal(
             self.decoder_layers, config.text_config, config.dcal_layer_indices, config.v2v_layer_indices, config.use_t2v,
@@ -216,6 +226,16 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         for start in range(0, num_frames, step):
             out[start:start + step] = self.projector(vision_features[start:start + step])
         return out
+
+    def mark_originals(self, originals: torch.Tensor, media_num_frames: torch.Tensor) -> torch.Tensor:
+        """(F, N, D) projected originals -> the same with each frame's index within its
+        media item and each patch's position added, where the config has those tables:
+        what the cross-attentions' keys and values are computed from."""
+        if self.temporal_embedding is not None:
+            originals = originals + self.temporal_embedding[frame_index_in_media(media_num_frames)][:, None].to(originals.dtype)
+        if self.spatial_embedding is not None:
+            originals = originals + self.spatial_embedding[None].to(originals.dtype)
+        return originals
 
     # ---- forward ----
 
@@ -338,9 +358,8 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
             if self.media_newline is not None:
                 newline = self.media_newline.to(embeds.dtype).expand(layout.newline_target.numel(), dim)
                 embeds = embeds.index_copy(0, layout.newline_target, newline)
-            if self.temporal_embedding is not None:
-                originals = originals + self.temporal_embedding[frame_index_in_media(media_num_frames)][:, None].to(originals.dtype)
             if self.config.use_dcal:
+                originals = self.mark_originals(originals, media_num_frames)
                 ctx = DCALContext(originals, originals.shape[1], layout.v2v, layout.t2v, cross_cache)
         return LLMInputs(
             embeds.view(batch, layout.length, dim), layout.attention_mask, layout.position_ids, layout.labels, ctx, cross_cache

@@ -1,0 +1,81 @@
+"""What do the originals tell a cross-attention about *where* and *when* a patch is?
+
+A T2V query answers "what is in the top-left quadrant in frame 3" only if the keys it
+reads carry the patch's place and the frame's index. This fits linear probes (softmax
+regression, full batch, Adam) on a world's held-out videos, training on the first 80 %
+of the videos and scoring on the rest, for three targets: the patch's index in the
+grid, its quadrant, and the frame's index within the video. It probes two feature sets:
+the frozen ViT's patch features, and the originals the cross-attentions read (after the
+projector and, where the model has them, the temporal and spatial embeddings). Chance is
+1/64 for the patch index, 1/4 for the quadrant and 1/8 for the frame.
+
+    python tools/originals_probe.py MODEL DATA_ROOT [--videos 120] [--steps 300]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from crosslmm.data.video import load_video
+from crosslmm.infer import encode_clip, load
+
+
+def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int, train_rows: int, steps: int) -> float:
+    """Held-out accuracy of a softmax regression on standardised features."""
+    x = (features - features[:train_rows].mean(0)) / (features[:train_rows].std(0) + 1e-6)
+    weight = torch.zeros(x.shape[1], classes, requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=0.05)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(x[:train_rows] @ weight + bias, labels[:train_rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return float(((x[train_rows:] @ weight + bias).argmax(1) == labels[train_rows:]).float().mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("data_root", type=Path)
+    parser.add_argument("--videos", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model, processor = load(args.model)
+    num_frames = processor.sampling.get("num_frames") or 8
+    videos = sorted({r["video"] for r in json.loads((args.data_root / "test.json").read_text())})[: args.videos]
+    vit, originals = [], []
+    with torch.no_grad():
+        for video in videos:
+            features = encode_clip(model, processor, load_video(args.data_root / video, num_frames=num_frames))
+            vit.append(features)
+            projected = model.project_frames(features)
+            originals.append(model.mark_originals(projected, torch.tensor([features.shape[0]])))
+    frames, tokens = vit[0].shape[:2]
+    grid = int(tokens ** 0.5)
+    patch = torch.arange(tokens)
+    quadrant = (patch // grid >= grid // 2).long() * 2 + (patch % grid >= grid // 2).long()
+    rows = len(videos) * frames * tokens
+    train_rows = int(0.8 * len(videos)) * frames * tokens  # whole videos held out
+    targets = {
+        "patch index": (patch.repeat(len(videos) * frames), tokens),
+        "quadrant": (quadrant.repeat(len(videos) * frames), 4),
+        "frame index": (torch.arange(frames).repeat_interleave(tokens).repeat(len(videos)), frames),
+    }
+    result = {"model": str(args.model), "videos": len(videos), "frames": frames, "tokens_per_frame": tokens}
+    for name, stack in (("vit", vit), ("originals", originals)):
+        features = torch.cat(stack).reshape(rows, -1).float()
+        result[name] = {target: round(probe_accuracy(features, labels, classes, train_rows, args.steps), 3)
+                        for target, (labels, classes) in targets.items()}
+        result[name]["rms"] = round(float(features.pow(2).mean().sqrt()), 3)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
