@@ -37,6 +37,10 @@ def main() -> None:
                "dcal_every_k": config.dcal_every_k}
     if config.temporal_embedding_frames:
         options["temporal_embedding_frames"] = config.temporal_embedding_frames
+    if config.spatial_embedding:
+        options["spatial_embedding"] = True
+    if config.temporal_embedding_frames or config.spatial_embedding:
+        options["identity_embedding_std"] = config.identity_embedding_std
     card = {"variant": args.variant, "options": options, "seed": args.seed, "training": args.command, "note": args.note}
     out = export_model(args.model, args.out, "bfloat16", args.data, card)
     card = json.loads((out / "training.json").read_text())
