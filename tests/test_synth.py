@@ -378,6 +378,31 @@ def test_option_letter_replies_name_the_option_then_its_letter(dataset, tmp_path
             {"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "A"}]}, "letter")
 
 
+def test_the_stated_answer_scaffold_states_only_multiple_choice_answers(dataset):
+    """`state_mc_answers` writes "The answer is <option text>." before a seeded share of
+    the multiple-choice questions of option-letter multi-turn records, after the media
+    placeholder, and touches nothing else."""
+    from crosslmm.synth.world import restyle_mc, multiturn_records, state_mc_answers
+
+    records = multiturn_records([restyle_mc(r, "option-letter") for r in json.loads((dataset / "train.json").read_text())])
+    stated = state_mc_answers(records, fraction=0.5, seed=0)
+    assert stated == state_mc_answers(records, fraction=0.5, seed=0) and stated != records
+    assert state_mc_answers(records, fraction=0.0) == records
+    counts = Counter()
+    for before, after in zip(records, stated):
+        assert after["conversations"][1::2] == before["conversations"][1::2]
+        for old, new, gpt in zip(before["conversations"][0::2], after["conversations"][0::2], before["conversations"][1::2]):
+            match = re.fullmatch(r"(.+) \(([A-D])\)", gpt["value"])
+            if new == old:
+                counts["unstated mc" if match else "short"] += 1
+                continue
+            assert match, "only multiple-choice questions are stated"
+            media = "<video>\n" if old["value"].startswith("<video>\n") else ""
+            assert new["value"] == f"{media}The answer is {match[1]}.\n{old['value'][len(media):]}"
+            counts["stated"] += 1
+    assert counts["stated"] and counts["unstated mc"] and counts["short"]
+
+
 def test_a_copy_drill_names_any_option_and_teaches_only_its_letter(dataset):
     from crosslmm.synth.world import copy_drill, restyle_mc
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -601,6 +603,26 @@ def restyle_mc(record: dict, style: str) -> dict:
     prompt = "\n".join([*lines[:-1], MC_SUFFIXES[style]])
     reply = mc_reply(record["options"], record["answer"], style)
     return {**record, "conversations": [{**human, "value": prompt}, {**gpt, "value": reply}]}
+
+
+def state_mc_answers(records: Sequence[dict], fraction: float = 0.5, seed: int = 0) -> list[dict]:
+    """Multi-turn records (`train_multiturn.json`, option-letter style) with "The answer
+    is <option text>." written before a random `fraction` of their multiple-choice
+    questions: the stated-answer scaffold (docs/synthetic.md, H1). A model that learned
+    the stated hop on text keeps reading a marked option's letter on video questions,
+    while the unstated half can only be answered by marking the options from what it
+    sees. Draws one number per multiple-choice turn, in order, from `random.Random(seed)`."""
+    rng = random.Random(seed)
+    out = []
+    for record in records:
+        turns = [dict(turn) for turn in record["conversations"]]
+        for human, gpt in zip(turns[0::2], turns[1::2]):
+            match = re.fullmatch(r"(.+) \(([A-D])\)", gpt["value"])
+            if match and rng.random() < fraction:
+                media = "<video>\n" if human["value"].startswith("<video>\n") else ""
+                human["value"] = f"{media}The answer is {match[1]}.\n{human['value'][len(media):]}"
+        out.append({**record, "conversations": turns})
+    return out
 
 
 def copy_drill(record: dict, letter: str) -> dict:
