@@ -70,13 +70,13 @@ class CrossLMMConfig(PretrainedConfig):
             a learned embedding of each frame's index within its media item, added to
             that frame's original tokens before the cross-attentions read them. Without
             it the originals carry no frame identity, so a text token cannot attend to
-            "frame 3" through T2V. It starts at zero (the model computes what it did
-            without it) and is off unless measured to help (docs/architecture.md,
-            "Frame identity of the originals").
+            "frame 3" through T2V. How it starts: `identity_embedding_std`. Off unless
+            measured to help (docs/architecture.md, "Frame and patch identity of the
+            originals").
         spatial_embedding: add a learned embedding of each original token's patch
             position (N, D) to the original tokens, for the same reason: a trained
             projector can discard where in the frame a patch was (measured on the
-            synthetic world: docs/architecture.md, "Frame identity of the originals"),
+            synthetic world: docs/architecture.md, "Frame and patch identity of the originals"),
             and a T2V query must find "the top-left quadrant". Off by default.
         identity_embedding_std: the standard deviation the temporal and spatial
             embeddings start with. 0 (default): they start at zero and the model computes

@@ -617,7 +617,7 @@ def state_mc_answers(records: Sequence[dict], fraction: float = 0.5, seed: int =
     for record in records:
         turns = [dict(turn) for turn in record["conversations"]]
         for human, gpt in zip(turns[0::2], turns[1::2]):
-            match = re.fullmatch(r"(.+) \(([A-D])\)", gpt["value"])
+            match = re.fullmatch(rf"(.+) \(([{LETTERS}])\)", gpt["value"])
             if match and rng.random() < fraction:
                 media = "<video>\n" if human["value"].startswith("<video>\n") else ""
                 human["value"] = f"{media}The answer is {match[1]}.\n{human['value'][len(media):]}"
