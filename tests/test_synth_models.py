@@ -17,7 +17,7 @@ from crosslmm.checkpoints.scratch import corpus_from_records, init_from_scratch
 from crosslmm.presets import preset_config
 from crosslmm.synth import scene_for, write_dataset
 from crosslmm.synth.vision_pretrain import object_map, patch_labels, pretrain_vision
-from crosslmm.synth.world import CAPTION_PROMPT, COLORS, PATTERNS, SHAPES, caption
+from crosslmm.synth.world import CAPTION_PROMPT, COLORS, PATTERNS, REGIONS, SHAPES, append_caption_turns, caption
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,29 @@ def test_captions_list_exactly_the_visible_sprites_of_every_frame(data):
         listed = sorted(" ".join(item.split()[:2]) for item in described.split(":", 1)[1].strip(" .").split(", ")
                         if item != "empty")
         assert listed == names, (t, described)
+
+
+def test_region_first_captions_list_the_same_sprites_quadrant_by_quadrant(data):
+    """The region-first caption is the default caption's items reordered, each frame's
+    quadrants in REGIONS order; appended as the last turn of a multi-turn record it is
+    asked after every question (so no answer can be read from it), media only once."""
+    records = json.loads((data / "train_multiturn.json").read_text())
+    with_captions = append_caption_turns(records, seed=3)
+    for record, extended in zip(records, with_captions):
+        scene = scene_for(3, int(Path(record["video"]).stem[3:]))
+        assert extended["conversations"][:-2] == record["conversations"]
+        assert extended["conversations"][-2:] == [{"from": "human", "value": CAPTION_PROMPT},
+                                                  {"from": "gpt", "value": caption(scene, region_first=True)}]
+        default, by_region = caption(scene), caption(scene, region_first=True)
+        assert default.split(" motion: ")[1] == by_region.split(" motion: ")[1]
+        for old, new in zip(default.split(" motion: ")[0].split("frame ")[1:], by_region.split(" motion: ")[0].split("frame ")[1:]):
+            old_items = [i for i in old.split(":", 1)[1].strip(" .").split(", ") if i != "empty"]
+            new_items = [i for i in new.split(":", 1)[1].strip(" .").split(", ") if i != "empty"]
+            moved = sorted(f"{i.split()[-1]} {' '.join(i.split()[:-1])}" for i in old_items)
+            assert sorted(new_items) == moved
+            regions = [REGIONS.index(i.split()[0]) for i in new_items]
+            assert regions == sorted(regions), new
+    assert sum("<video>" in t["value"] for t in with_captions[0]["conversations"]) == 1
 
 
 def test_patch_labels_follow_the_sprites_ground_truth():

@@ -1,13 +1,16 @@
-"""What do the originals tell a cross-attention about *where* and *when* a patch is?
+"""What do the originals tell a cross-attention about *where*, *when* and *what* a patch is?
 
 A T2V query answers "what is in the top-left quadrant in frame 3" only if the keys it
-reads carry the patch's place and the frame's index. This fits linear probes (softmax
-regression, full batch, Adam) on a world's held-out videos, training on the first 80 %
-of the videos and scoring on the rest, for three targets: the patch's index in the
-grid, its quadrant, and the frame's index within the video. It probes two feature sets:
-the frozen ViT's patch features, and the originals the cross-attentions read (after the
-projector and, where the model has them, the temporal and spatial embeddings). Chance is
-1/64 for the patch index, 1/4 for the quadrant and 1/8 for the frame.
+reads carry the patch's place and the frame's index, and the values it reads carry what
+is there. This fits linear probes (softmax regression, full batch, Adam) on a world's
+held-out videos, training on the first 80 % of the videos and scoring on the rest, for
+six targets: the patch's index in the grid, its quadrant, the frame's index within the
+video (every patch; chance 1/64, 1/4, 1/8), and the colour, shape and pattern of the
+sprite covering the patch (only patches a sprite covers, labelled by the renderer as in
+the vision pretraining; the scenes are regenerated from the world's seed). It probes two
+feature sets: the frozen ViT's patch features, and the originals the cross-attentions
+read (after the projector and, where the model has them, the temporal and spatial
+embeddings). A gap between the two says what the projector drops.
 
     python tools/originals_probe.py MODEL DATA_ROOT [--videos 120] [--steps 300]
 """
@@ -17,10 +20,13 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from crosslmm.data.video import load_video
 from crosslmm.infer import encode_clip, load
+from crosslmm.synth.vision_pretrain import TARGETS, patch_labels
+from crosslmm.synth.world import scene_for
 
 
 def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int, train_rows: int, steps: int) -> float:
@@ -38,6 +44,12 @@ def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int, t
         return float(((x[train_rows:] @ weight + bias).argmax(1) == labels[train_rows:]).float().mean())
 
 
+def covered_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int, train_rows: int, steps: int) -> float:
+    """probe_accuracy on the rows whose label is a sprite's (label > 0), background left out."""
+    covered = labels > 0
+    return probe_accuracy(features[covered], labels[covered] - 1, classes, int(covered[:train_rows].sum()), steps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
@@ -50,6 +62,7 @@ def main() -> None:
     model, processor = load(args.model)
     num_frames = processor.sampling.get("num_frames") or 8
     videos = sorted({r["video"] for r in json.loads((args.data_root / "test.json").read_text())})[: args.videos]
+    params = json.loads((args.data_root / "meta.json").read_text())["params"]
     vit, originals = [], []
     with torch.no_grad():
         for video in videos:
@@ -68,11 +81,19 @@ def main() -> None:
         "quadrant": (quadrant.repeat(len(videos) * frames), 4),
         "frame index": (torch.arange(frames).repeat_interleave(tokens).repeat(len(videos)), frames),
     }
+    grid_labels = torch.from_numpy(np.concatenate([  # (rows, 3): colour, shape, pattern; 0 = background
+        patch_labels(scene, t, grid) for scene in (scene_for(params["seed"], int(Path(video).stem[3:]),
+                                                              params["frames"], params["size"]) for video in videos)
+        for t in range(frames)]))
+    for column, (target, names) in enumerate(TARGETS.items()):
+        targets[target] = (grid_labels[:, column], len(names))
     result = {"model": str(args.model), "videos": len(videos), "frames": frames, "tokens_per_frame": tokens}
     for name, stack in (("vit", vit), ("originals", originals)):
         features = torch.cat(stack).reshape(rows, -1).float()
-        result[name] = {target: round(probe_accuracy(features, labels, classes, train_rows, args.steps), 3)
-                        for target, (labels, classes) in targets.items()}
+        result[name] = {
+            target: round((covered_accuracy if target in TARGETS else probe_accuracy)(
+                features, labels, classes, train_rows, args.steps), 3)
+            for target, (labels, classes) in targets.items()}
         result[name]["rms"] = round(float(features.pow(2).mean().sqrt()), 3)
     print(json.dumps(result, indent=1))
 

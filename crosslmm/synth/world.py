@@ -847,12 +847,17 @@ def _write_split(out_dir: Path, indices: Sequence[int], seed: int, frames: int, 
 CAPTION_PROMPT = "Describe every frame of the video."
 
 
-def caption(scene: Scene) -> str:
+def caption(scene: Scene, region_first: bool = False) -> str:
     """A dense frame-by-frame description: every visible sprite with its colour, shape,
     pattern and the quadrant holding its centre, then each sprite's motion. The
     pretraining text of the synthetic world (the paper's stage 1 trains on captions):
     every word is grounded in a specific frame and place, so a from-scratch language
-    model learns to read the visual tokens far faster than from one-word answers."""
+    model learns to read the visual tokens far faster than from one-word answers.
+
+    `region_first` writes each frame's sprites quadrant by quadrant, the quadrant before
+    the sprite ("frame 3: top-left red circle, bottom-right ..."): every colour word is
+    then a lookup of a given frame and quadrant, the one the "colour/shape in the
+    top-left quadrant in frame 3" questions need, about twenty of them per video."""
     half = scene.size / 2
     parts = []
     for t in range(scene.frames):
@@ -861,10 +866,30 @@ def caption(scene: Scene) -> str:
             x0, y0, x1, y1 = obj.box(t)
             region = f"{'top' if (y0 + y1) / 2 < half else 'bottom'}-{'left' if (x0 + x1) / 2 < half else 'right'}"
             pattern = "" if obj.pattern == "plain" else f" with {obj.pattern}"
-            seen.append(f"{obj.name}{pattern} {region}")
+            seen.append((region, f"{region} {obj.name}{pattern}" if region_first else f"{obj.name}{pattern} {region}"))
+        if region_first:
+            seen.sort(key=lambda item: REGIONS.index(item[0]))  # stable: drawing order within a quadrant
+        seen = [text for _, text in seen]
         parts.append(f"frame {t + 1}: {', '.join(seen) if seen else 'empty'}.")
     parts.append("motion: " + ", ".join(f"{obj.name} {obj.direction}" for obj in scene.objects) + ".")
     return " ".join(parts)
+
+
+def append_caption_turns(records: Sequence[dict], seed: int, frames: int = 8, size: int = 64,
+                         region_first: bool = True) -> list[dict]:
+    """Multi-turn question records with their video's caption asked last, as one more turn.
+
+    The caption's frame-and-place lookups then train the cross-attention's queries beside
+    the questions, on the same decoded video and at the cost of its tokens only. It comes
+    after the questions so that no answer can be read from it; `seed` (and `frames`,
+    `size`) must be the world's, which regenerates each video's scene from its index."""
+    out = []
+    for record in records:
+        index = int(Path(record["video"]).stem.removeprefix("vid"))
+        text = caption(scene_for(seed, index, frames, size), region_first=region_first)
+        out.append({**record, "conversations": [*record["conversations"], {"from": "human", "value": CAPTION_PROMPT},
+                                                {"from": "gpt", "value": text}]})
+    return out
 
 
 def caption_record(scene: Scene, index: int) -> dict:
