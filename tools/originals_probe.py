@@ -26,7 +26,8 @@ import torch
 from crosslmm.data.video import load_video
 from crosslmm.infer import encode_clip, load
 from crosslmm.synth.vision_pretrain import TARGETS, patch_labels
-from crosslmm.synth.world import scene_for
+from crosslmm.synth.evaluate import split_scenes
+from crosslmm.synth.world import video_id
 
 
 def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int, train_rows: int, steps: int) -> float:
@@ -61,8 +62,8 @@ def main() -> None:
     torch.set_num_threads(1)
     model, processor = load(args.model)
     num_frames = processor.sampling.get("num_frames") or 8
-    videos = sorted({r["video"] for r in json.loads((args.data_root / "test.json").read_text())})[: args.videos]
-    params = json.loads((args.data_root / "meta.json").read_text())["params"]
+    scenes = split_scenes(args.data_root, "test", args.videos)  # (index, scene), regenerated from the world's seed
+    videos = [f"videos/{video_id(index)}.mp4" for index, _ in scenes]
     vit, originals = [], []
     with torch.no_grad():
         for video in videos:
@@ -82,9 +83,7 @@ def main() -> None:
         "frame index": (torch.arange(frames).repeat_interleave(tokens).repeat(len(videos)), frames),
     }
     grid_labels = torch.from_numpy(np.concatenate([  # (rows, 3): colour, shape, pattern; 0 = background
-        patch_labels(scene, t, grid) for scene in (scene_for(params["seed"], int(Path(video).stem[3:]),
-                                                              params["frames"], params["size"]) for video in videos)
-        for t in range(frames)]))
+        patch_labels(scene, t, grid) for _, scene in scenes for t in range(frames)]))
     for column, (target, names) in enumerate(TARGETS.items()):
         targets[target] = (grid_labels[:, column], len(names))
     result = {"model": str(args.model), "videos": len(videos), "frames": frames, "tokens_per_frame": tokens}

@@ -743,6 +743,11 @@ def video_id(index: int) -> str:
     return f"vid{index:06d}"
 
 
+def video_index(path: str | Path) -> int:
+    """The index `video_id` named a record's video file by (`videos/vid000123.mp4` -> 123)."""
+    return int(Path(path).stem.removeprefix("vid"))
+
+
 def scene_for(seed: int, index: int, frames: int = 8, size: int = 64) -> Scene:
     """The scene of video `index` of a dataset with `seed`: independent of n, so a
     smaller dataset's videos are a prefix of a larger one's."""
@@ -885,8 +890,7 @@ def append_caption_turns(records: Sequence[dict], seed: int, frames: int = 8, si
     `size`) must be the world's, which regenerates each video's scene from its index."""
     out = []
     for record in records:
-        index = int(Path(record["video"]).stem.removeprefix("vid"))
-        text = caption(scene_for(seed, index, frames, size), region_first=region_first)
+        text = caption(scene_for(seed, video_index(record["video"]), frames, size), region_first=region_first)
         out.append({**record, "conversations": [*record["conversations"], {"from": "human", "value": CAPTION_PROMPT},
                                                 {"from": "gpt", "value": text}]})
     return out
