@@ -17,7 +17,6 @@ from crosslmm.infer import load
 from crosslmm.model.cross_attention import GatedCrossAttention
 from crosslmm.synth.demo import (
     DEMO_INDEX,
-    cross_attention_probabilities,
     demo_questions,
     model_mc_reply,
     run_demo,
@@ -54,7 +53,7 @@ def test_recomputed_probabilities_reproduce_the_modules_output():
     key_mask = torch.rand(groups, queries, keys) < 0.6
     key_mask[0, 1] = False  # a row that may see nothing: forward lets it see everything
 
-    probs = cross_attention_probabilities(attention, hidden, key, key_mask)  # (G, H, Lq, S)
+    probs = attention.probabilities(hidden, key, key_mask)  # (G, H, Lq, S)
     assert probs.shape == (groups, 4, queries, keys) and bool((probs >= 0).all())
     torch.testing.assert_close(probs.sum(-1), torch.ones(groups, 4, queries))
     assert bool((probs[1, :, 2][:, ~key_mask[1, 2]] == 0).all())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -144,8 +145,9 @@ def test_an_empty_micro_batch_still_runs_forward_and_backward_with_zero_loss(wor
     from crosslmm.train.trainer import forward_backward
 
     model = CrossLMMForCausalLM.from_pretrained(workspace / "init").train()
-    loss = forward_backward(model, None, global_tokens=10, world=1, accelerator=Accelerator(cpu=True), pad_token_id=0)
-    assert loss.item() == 0.0
+    loss, grounding_loss = forward_backward(model, None, global_tokens=10, world=1, accelerator=Accelerator(cpu=True),
+                                            pad_token_id=0)
+    assert loss.item() == 0.0 and grounding_loss is None
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.count_nonzero(g) == 0 for g in grads)  # a real backward, contributing nothing
 
@@ -258,3 +260,21 @@ def test_a_run_whose_records_are_mostly_unreadable_stops_with_the_reasons(worksp
     assert result.exit_code == 2
     assert "training records were skipped" in result.output and "media_root" in result.output
     assert "missing" in result.output.lower() or "no such" in result.output.lower() or "not found" in result.output.lower()
+
+
+def test_grounding_weight_adds_the_t2v_grounding_loss_on_grounded_records(workspace, tmp_path):
+    records = json.loads((workspace / "data" / "train.json").read_text())[:16]
+    for record in records:  # the colour fills every frame: any originals are "about" the answer
+        record["grounding"] = [[0, 1, 7, 8, 49, 50]]
+    grounded = tmp_path / "grounded.json"
+    grounded.write_text(json.dumps(records))
+    out = tmp_path / "run"
+    _run(_args(workspace, "stage2.yaml", out, max_steps=3, grounding_weight=1.0,
+               **{"data.train": grounded, "data.media_root": workspace / "data"}))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 3 and all(math.isfinite(row["grounding_loss"]) for row in logged)
+    # -log of the mean mass on 6 of 98 originals: near -log(6/98) = 2.8 while T2V is untrained
+    assert 1.0 < logged[0]["grounding_loss"] < 6.0
+    plain = tmp_path / "plain"
+    _run(_args(workspace, "stage2.yaml", plain, max_steps=1))
+    assert "grounding_loss" not in json.loads((plain / "metrics.jsonl").read_text().splitlines()[0])

@@ -177,14 +177,17 @@ class LLaVADataset(Dataset):
         """(encoded record, None), or (None, why it was skipped)."""
         record, media_root = self.pairs[index]
         try:
-            return self.processor.encode_record(
+            encoded = self.processor.encode_record(
                 record, media_root, load_pixels=self.load_pixels, frame_counts=self.frame_counts,
                 uint8_pixels=self.uint8_pixels,
-            ), None
+            )
         except RecordError as err:
             self.skipped += 1
             logger.warning("skipping record %s", err)
             return None, str(err)
+        if record.get("grounding") is not None:  # per answer, the originals it is about (crosslmm.train.grounding)
+            encoded["grounding"] = record["grounding"]
+        return encoded, None
 
 
 def estimate_length(record: Mapping[str, Any], processor: CrossLMMProcessor) -> int:
@@ -240,6 +243,7 @@ class DataCollator:
             "media_num_frames": torch.cat([e["media_num_frames"].long().reshape(-1) for e in examples]),
             "ids": [e["id"] for e in examples],
             "media_keys": [key for e in examples for key in e["media_keys"]],
+            "grounding": [e.get("grounding") for e in examples],
         }
 
 

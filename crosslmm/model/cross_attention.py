@@ -15,6 +15,8 @@ key/value head instead of being repeated G times in memory.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,6 +73,29 @@ class GatedCrossAttention(nn.Module):
         """(F, N, D) original tokens -> keys, values of shape (F, N, Hkv, hd)."""
         shape = (*originals.shape[:-1], self.num_key_value_heads, self.head_dim)
         return self.k_proj(originals).view(shape), self.v_proj(originals).view(shape)
+
+    def probabilities(
+        self,
+        hidden: torch.Tensor,  # (G, Lq, D) the module's query input
+        key: torch.Tensor,  # (G, Hkv, S, hd)
+        key_mask: torch.Tensor | None = None,  # (G, Lq, S) bool, True = may attend
+    ) -> torch.Tensor:
+        """(G, H, Lq, S) float32 softmax probabilities of `forward` on the same inputs:
+        query head h = j*rep + r reads K/V head j, scale 1/sqrt(head_dim), and a row whose
+        mask allows nothing sees every key (as forward does before zeroing it).
+
+        forward never materialises them (SDPA); this recomputation is for the rows one
+        wants to look at (`crosslmm demo`) or to supervise (`crosslmm.train.grounding`),
+        and it keeps the autograd graph."""
+        groups, num_queries, _ = hidden.shape
+        hkv, rep, hd = self.num_key_value_heads, self.heads_per_group, self.head_dim
+        query = self.q_proj(self.norm(hidden)).view(groups, num_queries, hkv, rep, hd).float()
+        scores = torch.einsum("gqjrd,gjsd->gjrqs", query, key.float()) / math.sqrt(hd)  # (G, Hkv, rep, Lq, S)
+        scores = scores.reshape(groups, hkv * rep, num_queries, key.shape[2])  # (G, H, Lq, S)
+        if key_mask is not None:
+            key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
+            scores = scores.masked_fill(~key_mask[:, None], float("-inf"))
+        return scores.softmax(dim=-1)
 
     def forward(
         self,

@@ -24,7 +24,7 @@ message, since there is no text-to-video attention to show.
 The attention is recomputed, not read out: `GatedCrossAttention` runs SDPA, which never
 materialises probabilities. `t2v_attention` runs one forward pass with hooks that catch
 each T2V module's inputs and redoes its softmax (same projections, scale and mask) for
-the requested query rows only; `cross_attention_probabilities` is that recomputation.
+the requested query rows only (`GatedCrossAttention.probabilities`).
 """
 
 from __future__ import annotations
@@ -113,26 +113,6 @@ def model_mc_reply(model_dir: str | Path) -> str:
 # --------------------------------------------------------------------------- attention
 
 
-def cross_attention_probabilities(
-    attention: GatedCrossAttention,
-    hidden: torch.Tensor,  # (G, Lq, D) the module's query input
-    key: torch.Tensor,  # (G, Hkv, S, hd)
-    key_mask: torch.Tensor | None = None,  # (G, Lq, S) bool, True = may attend
-) -> torch.Tensor:
-    """(G, H, Lq, S) float32 softmax probabilities of `attention.forward` on the same
-    inputs: query head h = j*rep + r reads K/V head j, scale 1/sqrt(head_dim), and a row
-    whose mask allows nothing sees every key (as forward does before zeroing it)."""
-    groups, num_queries, _ = hidden.shape
-    hkv, rep, hd = attention.num_key_value_heads, attention.heads_per_group, attention.head_dim
-    query = attention.q_proj(attention.norm(hidden)).view(groups, num_queries, hkv, rep, hd).float()
-    scores = torch.einsum("gqjrd,gjsd->gjrqs", query, key.float()) / math.sqrt(hd)  # (G, Hkv, rep, Lq, S)
-    scores = scores.reshape(groups, hkv * rep, num_queries, key.shape[2])  # (G, H, Lq, S)
-    if key_mask is not None:
-        key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
-        scores = scores.masked_fill(~key_mask[:, None], float("-inf"))
-    return scores.softmax(dim=-1)
-
-
 def t2v_layers(model: CrossLMMForCausalLM) -> list[DCALDecoderLayer]:
     """The DCAL layers that have a T2V cross-attention (empty without T2V)."""
     return [layer for layer in model.decoder_layers if isinstance(layer, DCALDecoderLayer) and layer.t2v is not None]
@@ -193,7 +173,7 @@ def t2v_attention(model: CrossLMMForCausalLM, inputs: dict[str, Any], positions:
             rows.append(int(hits[0, 0]))
         rows_t = torch.tensor(rows, device=hidden.device)
         mask = None if key_mask is None else key_mask[:1, rows_t]  # (1, R, S)
-        probs = cross_attention_probabilities(attention, hidden[:1, rows_t], key[:1], mask)  # (1, H, R, S)
+        probs = attention.probabilities(hidden[:1, rows_t], key[:1], mask)  # (1, H, R, S)
         per_layer.append(probs[0].mean(dim=(0, 1)))  # (S,)
         layout["frames"], layout["tokens"] = groups.key_frames.shape[1], contexts[layer.layer_idx].original_tokens_per_frame
 

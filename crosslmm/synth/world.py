@@ -896,6 +896,59 @@ def append_caption_turns(records: Sequence[dict], seed: int, frames: int = 8, si
     return out
 
 
+_AT_REGION_TIME = re.compile(r"in the ((?:top|bottom)-(?:left|right)) quadrant in frame (\d+)\?")
+_NAMED_OBJECT = re.compile(r"^(?:What pattern does|Which direction does) the ([a-z]+ [a-z]+) (?:have|move)\?", re.MULTILINE)
+
+
+def object_patches(obj: SceneObject, t: int, size: int, grid: int) -> list[int]:
+    """Row-major indices, in a `grid` x `grid` patch grid over a `size`-px frame, of the
+    patches the sprite's box overlaps at frame t."""
+    cell = size // grid
+    x0, y0, x1, y1 = obj.box(t)
+    rows = range(max(y0, 0) // cell, min(y1 - 1, size - 1) // cell + 1)
+    columns = range(max(x0, 0) // cell, min(x1 - 1, size - 1) // cell + 1)
+    return [r * grid + c for r in rows for c in columns]
+
+
+def grounding_targets(scene: Scene, question: str, grid: int) -> list[int] | None:
+    """The original tokens a question's answer is about (`question`: a user turn's text), as indices over the video's
+    frames in order (frame * grid² + patch), or None when its answer has no one place.
+
+    Colour or shape "in the top-left quadrant in frame 3": that sprite's patches in frame
+    3. Pattern and motion of a named sprite: its patches in every frame it is visible.
+    Counts and appearance order are about several sprites or about absence: None. The
+    targets of `crosslmm.train.grounding`'s auxiliary loss; like the vision encoder's
+    per-patch labels, they come free from the renderer."""
+    per_frame = grid * grid
+    match = _AT_REGION_TIME.search(question)
+    if match:
+        t = int(match[2]) - 1
+        box = region_box(match[1], scene.size)
+        inside = [obj for obj in scene.visible_at(t) if _inside(obj.box(t), box)]
+        if len(inside) != 1:
+            raise ValueError(f"{question!r}: {len(inside)} sprites inside the quadrant in frame {t + 1}, expected one")
+        return [t * per_frame + p for p in object_patches(inside[0], t, scene.size, grid)]
+    match = _NAMED_OBJECT.search(question)
+    if match:
+        obj = scene.find(match[1])
+        return [t * per_frame + p for t in range(obj.start, min(obj.end, scene.frames))
+                for p in object_patches(obj, t, scene.size, grid)]
+    return None
+
+
+def add_grounding(records: Sequence[dict], seed: int, frames: int = 8, size: int = 64, grid: int = 8) -> list[dict]:
+    """Question records with a `grounding` field: per assistant turn, `grounding_targets`
+    of the question before it (null for none). `seed`, `frames` and `size` must be the
+    world's (its scenes are regenerated from the video indices); `grid` the vision
+    encoder's patch grid (the `small` preset's SigLIP: 8)."""
+    out = []
+    for record in records:
+        scene = scene_for(seed, video_index(record["video"]), frames, size)
+        questions = [turn["value"] for turn in record["conversations"] if turn["from"] == "human"]
+        out.append({**record, "grounding": [grounding_targets(scene, q, grid) for q in questions]})
+    return out
+
+
 def caption_record(scene: Scene, index: int) -> dict:
     vid = video_id(index)
     return {"id": f"{vid}_caption", "video": f"videos/{vid}.mp4", "type": "caption", "conversations": [

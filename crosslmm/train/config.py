@@ -91,6 +91,9 @@ class TrainConfig:
     resume: str | None = None  # "latest" or a checkpoint folder
     find_unused_parameters: bool = True  # text-only batches skip the cross-attentions
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    # Weight of the T2V grounding loss on records with a `grounding` field (crosslmm.train.grounding);
+    # 0: off, the paper's recipe (answer tokens only).
+    grounding_weight: float = 0.0
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     export_dtype: str = "bfloat16"  # the final model's weights: bfloat16 (inference) | float32 (a next stage's start)
 
@@ -127,6 +130,8 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         raise ValueError("distributed.strategy=fsdp trains in bf16 or fp32: set mixed_precision to bf16 or no")
     if config.export_dtype not in ("bfloat16", "float32"):
         raise ValueError(f"export_dtype must be bfloat16 or float32, got {config.export_dtype!r}")
+    if config.grounding_weight < 0:
+        raise ValueError(f"grounding_weight must be at least 0, got {config.grounding_weight}")
     if config.stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {config.stage}")
     if config.feature_cache and "vision" in config.optim.trainable:

@@ -22,6 +22,7 @@ equal to single-process ones.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ from crosslmm.model.modeling import CrossLMMForCausalLM, parameter_part
 from crosslmm.train.config import TrainConfig, dump_train_config
 from crosslmm.train.distributed import ParallelModel, export_model, fully_shard_model
 from crosslmm.train.feature_cache import FeatureCache, vision_fingerprint
+from crosslmm.train.grounding import T2VAttentionMass, grounded_queries
 from crosslmm.train.state import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 
 log = logging.getLogger("crosslmm.train")
@@ -366,6 +368,7 @@ class Meter:
     requested: int = 0
     skipped: int = 0
     skipped_reasons: list[str] = field(default_factory=list)  # this rank's, for the message
+    grounding: list[float] = field(default_factory=list)  # this rank's grounding losses since the last log
 
 
 def train_step(run: Run, loaded: list[tuple[dict | None, int, list[str]]], meter: Meter) -> float:
@@ -383,10 +386,17 @@ def train_step(run: Run, loaded: list[tuple[dict | None, int, list[str]]], meter
                   run.global_batch)
 
     loss_sum = torch.zeros((), device=accelerator.device)
+    grounding = None
+    if run.config.grounding_weight > 0:  # summed over micro-batches: a mean over them, like the token loss
+        grounding = (run.config.grounding_weight / len(micro), run.parallel.unwrap().config.media_token_id)
     for j, batch in enumerate(micro):
         with run.parallel.sync_context(last_micro_batch=j == len(micro) - 1):
-            loss_sum += forward_backward(run.parallel.module, batch, global_tokens, run.world, accelerator,
-                                         run.processor.pad_token_id, run.processor.frame_processor.normalize)
+            token_loss, grounding_loss = forward_backward(
+                run.parallel.module, batch, global_tokens, run.world, accelerator, run.processor.pad_token_id,
+                run.processor.frame_processor.normalize, grounding)
+            loss_sum += token_loss
+            if grounding_loss is not None:
+                meter.grounding.append(float(grounding_loss))
     if run.config.optim.max_grad_norm > 0:
         run.parallel.clip_grad_norm_(list(run.trainable.values()), run.config.optim.max_grad_norm)
     run.optimizer.step()
@@ -402,6 +412,9 @@ def log_metrics(run: Run, step: int, loss: float, meter: Meter) -> None:
     elapsed = time.perf_counter() - meter.started
     metrics = {"loss": loss, "samples_per_s": meter.samples * run.world / elapsed,
                "tokens_per_s": meter.tokens * run.world / elapsed}
+    if meter.grounding:  # this rank's mean since the last log
+        metrics["grounding_loss"] = sum(meter.grounding) / len(meter.grounding)
+        meter.grounding.clear()
     metrics.update({f"lr/{g['name']}": g["lr"] for g in run.optimizer.param_groups})
     metrics.update(gate_values(run.parallel.unwrap()))
     run.accelerator.log(metrics, step=step)
@@ -477,13 +490,16 @@ def check_skipped(requested: int, skipped: int, reasons: list[str], max_fraction
 
 
 def forward_backward(model, batch: dict | None, global_tokens: int, world: int, accelerator: Accelerator,
-                     pad_token_id: int, normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """One micro-batch; returns its summed token loss (detached). The loss is divided by
-    the global answer-token count times 1/world, since DDP and FSDP both average
-    gradients over ranks. A rank whose micro-batch is empty (every record skipped) runs a
-    real forward and backward on a one-token batch without labels (loss exactly 0), so
-    the gradient reduction happens on every rank and nothing hangs or is trained on.
-    uint8 frames are normalised here, on the device, by `normalize`."""
+                     pad_token_id: int, normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     grounding: tuple[float, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch; returns its summed token loss and its grounding loss (detached;
+    None without grounded answers). The token loss is divided by the global answer-token
+    count times 1/world, since DDP and FSDP both average gradients over ranks. A rank
+    whose micro-batch is empty (every record skipped) runs a real forward and backward on
+    a one-token batch without labels (loss exactly 0), so the gradient reduction happens
+    on every rank and nothing hangs or is trained on. uint8 frames are normalised here, on
+    the device, by `normalize`. `grounding`: (weight, media token id) adds weight x the
+    T2V grounding loss of the batch's grounded answers (crosslmm.train.grounding)."""
     device = accelerator.device
     empty = batch is None
     if empty:
@@ -494,12 +510,18 @@ def forward_backward(model, batch: dict | None, global_tokens: int, world: int, 
     if inputs.get("pixel_values") is not None and inputs["pixel_values"].dtype == torch.uint8:
         inputs["pixel_values"] = normalize(inputs["pixel_values"])
     num_items = max(global_tokens, 1) / world
-    out = model(**inputs, num_items_in_batch=torch.tensor(num_items, device=device), logits_to_keep="labels")
+    queries = grounded_queries(batch, grounding[1]) if grounding is not None and not empty else []
+    attention_mass = T2VAttentionMass(model, queries) if queries else None
+    with attention_mass or contextlib.nullcontext():
+        out = model(**inputs, num_items_in_batch=torch.tensor(num_items, device=device), logits_to_keep="labels")
     loss = out.loss
+    grounding_loss = attention_mass.loss() if attention_mass is not None else None
+    if grounding_loss is not None:
+        loss = loss + grounding[0] * grounding_loss
     if empty:  # a text-only token may not reach the trained parts (stage 1): give every one a zero gradient
         loss = loss + sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
     accelerator.backward(loss)
-    return out.loss.detach() * num_items
+    return out.loss.detach() * num_items, None if grounding_loss is None else grounding_loss.detach()
 
 
 def attach_features(batch: dict | None, cache: FeatureCache) -> dict | None:

@@ -1,0 +1,78 @@
+"""Where does T2V look when a question points somewhere? Attention mass on the answer's sprite.
+
+For the first N held-out questions of a synthetic world that name a place and time
+("the object in the top-left quadrant in frame 3") or a sprite ("the white triangle"),
+the attention that T2V's query predicting the answer puts (averaged over heads) on: the
+sprite's original tokens (`crosslmm.synth.world.grounding_targets`), and for place-and-
+time questions the named frame and the named quadrant of that frame; with the same
+softmax as the grounding loss and `crosslmm demo` (`crosslmm.train.grounding`). Chance is
+what uniform attention would give. Teacher-forced: the record's own answer follows.
+
+    python tools/t2v_lookup_probe.py MODEL CHECKPOINT|- DATA_ROOT N
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import torch
+
+from crosslmm.synth.evaluate import split_scenes
+from crosslmm.synth.world import REGIONS, grounding_targets, region_box, video_index
+from crosslmm.train.grounding import T2VAttentionMass, grounded_queries
+from probe_model import load_probed, parser
+
+
+@torch.no_grad()
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    model, processor = load_probed(args)
+    scenes = dict(split_scenes(args.records, "test"))
+    records = json.loads((args.records / "test.json").read_text())
+    grid = model.config.vision_grid_size
+    per_frame = grid * grid
+    cell = next(iter(scenes.values())).size // grid
+    masses: dict[str, list[float]] = defaultdict(list)
+    layers: dict[str, list[torch.Tensor]] = defaultdict(list)
+    asked = 0
+    for record in records:
+        if asked == args.n:
+            break
+        scene = scenes[video_index(record["video"])]
+        question = record["conversations"][0]["value"]
+        sprite = grounding_targets(scene, question, grid)
+        if sprite is None:
+            continue
+        asked += 1
+        targets = {"sprite": sprite}
+        place = next((r for r in REGIONS if f"the {r} quadrant in frame" in question), None)
+        if place is not None:
+            t = sprite[0] // per_frame
+            x0, y0, x1, y1 = region_box(place, scene.size)
+            targets["frame"] = list(range(t * per_frame, (t + 1) * per_frame))
+            targets["quadrant"] = [t * per_frame + r * grid + c for r in range(y0 // cell, y1 // cell)
+                                   for c in range(x0 // cell, x1 // cell)]
+        item = processor.encode_record(record, args.records)
+        features = model.vision_tower(item["pixel_values"])
+        batch = {"input_ids": item["input_ids"][None], "labels": item["labels"][None], "grounding": [[sprite]]}
+        (query,) = grounded_queries(batch, model.config.media_token_id)
+        names = list(targets)
+        with T2VAttentionMass(model, [(0, query[1], targets[name]) for name in names]) as attention:
+            model(input_ids=batch["input_ids"], vision_features=features, media_num_frames=item["media_num_frames"])
+        by_layer = torch.stack(attention.masses)  # (T2V layers, targets)
+        keys = features.shape[0] * per_frame
+        family = record["type"]
+        for j, name in enumerate(names):
+            masses[f"{family}/{name}"].append(float(by_layer[:, j].mean()))
+            masses[f"{family}/{name} chance"].append(len(targets[name]) / keys)
+            layers[f"{family}/{name}"].append(by_layer[:, j])
+    print(json.dumps({
+        "model": str(args.model), "checkpoint": args.checkpoint, "questions": asked,
+        "mean mass": {k: round(sum(v) / len(v), 3) for k, v in sorted(masses.items())},
+        "per T2V layer": {k: [round(float(x), 3) for x in torch.stack(v).mean(0)] for k, v in sorted(layers.items())},
+        "count": {k: len(v) for k, v in sorted(masses.items()) if "chance" not in k},
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
