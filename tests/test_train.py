@@ -269,8 +269,10 @@ def test_grounding_weight_adds_the_t2v_grounding_loss_on_grounded_records(worksp
     grounded = tmp_path / "grounded.json"
     grounded.write_text(json.dumps(records))
     out = tmp_path / "run"
+    with pytest.raises(ValueError, match="grounding_weight needs"):  # stage2.yaml shards with FSDP
+        load_train_config(ROOT / "configs" / "stage2.yaml", ["model=m", "output_dir=o", "data.train=d", "grounding_weight=1"])
     _run(_args(workspace, "stage2.yaml", out, max_steps=3, grounding_weight=1.0,
-               **{"data.train": grounded, "data.media_root": workspace / "data"}))
+               **{"data.train": grounded, "data.media_root": workspace / "data", "distributed.strategy": "ddp"}))
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(logged) == 3 and all(math.isfinite(row["grounding_loss"]) for row in logged)
     # -log of the mean mass on 6 of 98 originals: near -log(6/98) = 2.8 while T2V is untrained

@@ -132,6 +132,12 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         raise ValueError(f"export_dtype must be bfloat16 or float32, got {config.export_dtype!r}")
     if config.grounding_weight < 0:
         raise ValueError(f"grounding_weight must be at least 0, got {config.grounding_weight}")
+    if config.grounding_weight > 0 and (config.gradient_checkpointing or config.distributed.strategy == "fsdp"):
+        # The loss recomputes T2V's softmax in a hook inside each decoder layer's forward: a
+        # checkpointed layer re-runs its forward without the hook, and FSDP frees the layer's
+        # gathered weights that this extra branch of the graph still needs for its backward.
+        raise ValueError("grounding_weight needs gradient_checkpointing: false and distributed.strategy: ddp "
+                         "(the grounding loss is not supported with activation checkpointing or FSDP)")
     if config.stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {config.stage}")
     if config.feature_cache and "vision" in config.optim.trainable:
