@@ -23,7 +23,7 @@ from crosslmm.eval.benchmarks import MLVU_TASK_TYPES
 from crosslmm.eval.harness import predictions_path
 from crosslmm.eval.runner import PredictionsExistError, read_predictions
 from crosslmm.eval.subtitles import parse_srt, sampled_subtitles
-from crosslmm.infer import answer, default_model_dir, load
+from crosslmm.infer import answer, default_model_dir, generate_answer, load
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -403,7 +403,12 @@ def test_plugin_generate_until_and_loglikelihood(roots):
     assert outputs[0] == alone.split("\n\n")[0].strip()
     assert len(processor.tokenizer(outputs[1], add_special_tokens=False)["input_ids"]) <= 2 and "\n" not in outputs[1]
 
-    greedy = answer(model, processor, question, [video], max_new_tokens=3)
+    # The greedy continuation as its tokens spell it: `answer` strips the text, and a stripped
+    # leading space re-tokenizes differently (" move" is one token, "move" two).
+    _, _, generated = generate_answer(model, processor, question, [video], max_new_tokens=3)
+    greedy = processor.tokenizer.decode(generated, skip_special_tokens=True)
+    assert processor.tokenizer(greedy, add_special_tokens=False)["input_ids"] == [
+        t for t in generated.tolist() if t not in processor.tokenizer.all_special_ids]
     scores = harness.loglikelihood([
         SimpleNamespace(args=(question, greedy, to_visual, 0, "videomme", "test")),
         SimpleNamespace(args=(question, "zebra zebra", to_visual, 0, "videomme", "test")),
