@@ -911,8 +911,9 @@ def object_patches(obj: SceneObject, t: int, size: int, grid: int) -> list[int]:
 
 
 def grounding_targets(scene: Scene, question: str, grid: int) -> list[int] | None:
-    """The original tokens a question's answer is about (`question`: a user turn's text), as indices over the video's
-    frames in order (frame * grid² + patch), or None when its answer has no one place.
+    """The original tokens the answer to `question` (a user turn's text) is about, as
+    indices over the video's frames in order (frame * grid² + patch), or None when its
+    answer has no one place.
 
     Colour or shape "in the top-left quadrant in frame 3": that sprite's patches in frame
     3. Pattern and motion of a named sprite: its patches in every frame it is visible.

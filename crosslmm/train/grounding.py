@@ -2,7 +2,7 @@
 that predicts an answer, on the original tokens the answer is about.
 
 Why it exists: on the synthetic world, a model trained only on its answers' tokens put
-12 % of its T2V attention on the frame a question names (1 in 8: chance) and answered
+11 % of its T2V attention on the frame a question names (1 in 8: chance) and answered
 "the colour in the top-left quadrant in frame 3" with a colour seen anywhere in the video
 (docs/synthetic.md, "T2V does not look where the question points"). While attention is
 spread over hundreds of originals, the token loss's gradient toward a lookup is tiny. A
