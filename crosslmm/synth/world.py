@@ -924,11 +924,10 @@ def grounding_targets(scene: Scene, question: str, grid: int) -> list[int] | Non
     match = _AT_REGION_TIME.search(question)
     if match:
         t = int(match[2]) - 1
-        box = region_box(match[1], scene.size)
-        inside = [obj for obj in scene.visible_at(t) if _inside(obj.box(t), box)]
-        if len(inside) != 1:
-            raise ValueError(f"{question!r}: {len(inside)} sprites inside the quadrant in frame {t + 1}, expected one")
-        return [t * per_frame + p for p in object_patches(inside[0], t, scene.size, grid)]
+        obj = _alone_in_region(scene, match[1], t)  # the rule the question was asked under
+        if obj is None:
+            raise ValueError(f"{question!r}: no sprite alone in that quadrant in frame {t + 1}: not this scene's question")
+        return [t * per_frame + p for p in object_patches(obj, t, scene.size, grid)]
     match = _NAMED_OBJECT.search(question)
     if match:
         obj = scene.find(match[1])
