@@ -7,6 +7,8 @@ answer tokens alone do; the world's targets must be the sprite a question is abo
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -36,8 +38,11 @@ def test_grounded_queries_are_the_text_tokens_before_each_answer():
     batch = {"input_ids": ids, "labels": labels, "grounding": [[[3, 4], None], [[9]]]}
     # row 0: answer 1 starts at 3, predicted from position 2 = text rank 1 (one placeholder before);
     # its second answer has no target. Row 1: position 2, text rank 1.
-    assert grounded_queries(batch, MEDIA) == [(0, 1, [3, 4]), (1, 1, [9])]
+    assert grounded_queries(batch, MEDIA) == [(0, 1, [[3, 4]]), (1, 1, [[9]])]
     assert grounded_queries({**batch, "grounding": [None, None]}, MEDIA) == []
+    # head groups pass through as they are
+    grouped = {**batch, "grounding": [[[[3], [4, 5]], None], None]}
+    assert grounded_queries(grouped, MEDIA) == [(0, 1, [[3], [4, 5]])]
 
 
 def _toy_batch(generator: torch.Generator, model, pattern: torch.Tensor):
@@ -118,6 +123,44 @@ def test_the_measured_mass_is_the_demos_attention_on_the_targets():
     torch.testing.assert_close(measured, shown.reshape(-1)[targets].sum())
 
 
+def test_head_groups_each_measure_their_own_targets():
+    """Two groups over T2V's heads: each head is measured on its group's targets, and the
+    loss is the mean of the groups' -log masses (not of one pooled mass)."""
+    torch.manual_seed(0)
+    model = toy_model(use_v2v=False, use_t2v=True).eval()
+    pattern = torch.randn(8, model.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(1)) * 3
+    ids, labels, features, _ = _toy_batch(torch.Generator().manual_seed(3), model, pattern)
+    first, second = [0, 1, 2], [70, 71]
+    probabilities = []  # per T2V call, (G, H, Lq, S)
+
+    def keep(module, args, kwargs, output):
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        inputs = bound.arguments
+        probabilities.append(module.probabilities(inputs["hidden"], inputs["key"], inputs["key_mask"]))
+
+    hooks = [layer.t2v.register_forward_hook(keep, with_kwargs=True)
+             for layer in model.decoder_layers if getattr(layer, "t2v", None) is not None]
+    batch = {"input_ids": ids, "labels": labels, "grounding": [[[first, second]]] + [None] * (BATCH - 1)}
+    (sample, rank, _), = grounded_queries(batch, MEDIA)
+    with torch.no_grad(), T2VAttentionMass(model, grounded_queries(batch, MEDIA)) as mass:
+        model(ids, labels=labels, vision_features=features, media_num_frames=torch.full((BATCH,), FRAMES))
+    for hook in hooks:
+        hook.remove()
+    heads = probabilities[0].shape[1]
+    assert heads % 2 == 0 and len(mass.masses) == len(probabilities) > 0
+    expected_terms = []
+    for layer_probs, measured in zip(probabilities, mass.masses):
+        row = layer_probs[sample, :, rank]  # (H, S): one group per sample, its queries in text order
+        own = torch.cat([row[:heads // 2, first].sum(-1), row[heads // 2:, second].sum(-1)])  # (H,)
+        torch.testing.assert_close(measured, own.mean()[None])
+        expected_terms += [own[:heads // 2].mean(), own[heads // 2:].mean()]
+    torch.testing.assert_close(mass.loss(), -torch.stack(expected_terms).log().mean())
+    three = {**batch, "grounding": [[[first, second, [5]]]] + [None] * (BATCH - 1)}
+    with pytest.raises(ValueError, match="do not split"), T2VAttentionMass(model, grounded_queries(three, MEDIA)):
+        model(ids, labels=labels, vision_features=features, media_num_frames=torch.full((BATCH,), FRAMES))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_world_targets_are_the_sprite_the_question_is_about(seed):
     scene = scene_for(seed, 3)
@@ -128,7 +171,7 @@ def test_world_targets_are_the_sprite_the_question_is_about(seed):
     assert len(grounded["grounding"]) == len(asked) == len(questions)
     frames = render(scene)  # (T, H, W, 3) uint8, before any encoding
     sprite_colours = np.array(list(COLORS.values()))  # (C, 3)
-    cell, checked = scene.size // 8, 0
+    cell, checked, checked_motion = scene.size // 8, 0, 0
     for question, targets in zip(asked, grounded["grounding"]):
         if "quadrant in frame" in question:
             region = next(r for r in REGIONS if f"the {r} quadrant" in question)
@@ -144,11 +187,16 @@ def test_world_targets_are_the_sprite_the_question_is_about(seed):
             hit = {t * 64 + ((y + y0) // cell) * 8 + (x + x0) // cell for y, x in zip(ys, xs)}
             assert hit <= set(targets) and len(hit) >= len(targets) // 2
             checked += 1
-        elif "What pattern does the" in question or "Which direction does the" in question:
-            name = question.split("does the ", 1)[1].split(" have?")[0].split(" move?")[0]
-            obj = scene.find(name)
+        elif "What pattern does the" in question:
+            obj = scene.find(question.split("does the ", 1)[1].split(" have?")[0])
             assert {i // 64 for i in targets} == set(range(obj.start, min(obj.end, scene.frames)))
+        elif "Which direction does the" in question:  # two head groups: its first and its last frame
+            obj = scene.find(question.split("does the ", 1)[1].split(" move?")[0])
+            first, last = targets
+            assert {i // 64 for i in first} == {obj.start} and {i // 64 for i in last} == {min(obj.end, scene.frames) - 1}
+            checked_motion += 1
         else:
             assert targets is None
     assert checked or seed, "seed 0's scene asks a quadrant question: the pixel check must run"
+    assert checked_motion or seed, "seed 0's scene asks a motion question"
     assert grounding_targets(scene, "How many circles appear in the video?", 8) is None

@@ -384,6 +384,21 @@ def test_unstated_letter_hop_leaves_only_the_copy_from_the_reply():
     with pytest.raises(ValueError, match="option's text"):
         letter_hop_records(0, 5, stated=False)  # a bare letter would be unknowable
 
+
+def test_option_completion_gives_the_first_word_and_teaches_the_copy_of_the_rest():
+    from crosslmm.synth.world import option_completion_records
+
+    records = option_completion_records(0, 200)
+    assert len(records) > 50 and {r["questions"][0]["type"] for r in records} == {"appearance_order", "pattern"}
+    for record in records:
+        human, gpt = record["conversations"]
+        options = dict(line.split(". ", 1) for line in human["value"].split("\n")[1:5])
+        text, letter = gpt["value"].rsplit(" (", 1)
+        assert options[letter[:-1]] == text and letter[:-1] == record["questions"][0]["answer"]
+        assert gpt["given"] == text.split()[0] and len(text.split()) == 2  # an object: colour, then shape
+        # the given word names exactly one option: the rest of the reply follows from the prompt
+        assert [o.split()[0] for o in options.values()].count(gpt["given"]) == 1
+
 @pytest.mark.parametrize("caption_as_answer", [False, True])
 def test_text_world_evaluation_asks_every_question_after_its_caption(tmp_path, caption_as_answer):
     from crosslmm.infer import load

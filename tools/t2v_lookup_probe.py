@@ -4,7 +4,9 @@ For the first N held-out questions of a synthetic world that name a place and ti
 ("the object in the top-left quadrant in frame 3") or a sprite ("the white triangle"),
 the attention that T2V's query predicting the answer puts (averaged over heads) on: the
 sprite's original tokens (`crosslmm.synth.world.grounding_targets`), and for place-and-
-time questions the named frame and the named quadrant of that frame; with the same
+time questions the named frame and the named quadrant of that frame (for motion, whose
+targets are two head groups, the first and the last frame's sprite, each group's heads
+on their own frame, and "sprite, all heads" on both); with the same
 softmax as the grounding loss and `crosslmm demo` (`crosslmm.train.grounding`). Chance is
 what uniform attention would give. Teacher-forced: the record's own answer follows.
 
@@ -45,6 +47,8 @@ def main() -> None:
             continue
         asked += 1
         targets = {"sprite": sprite}
+        if isinstance(sprite[0], list):  # head groups
+            targets["sprite, all heads"] = sorted({t for group in sprite for t in group})
         place = next((r for r in REGIONS if f"the {r} quadrant in frame" in question), None)
         if place is not None:
             t = sprite[0] // per_frame
@@ -57,14 +61,15 @@ def main() -> None:
         batch = {"input_ids": item["input_ids"][None], "labels": item["labels"][None], "grounding": [[sprite]]}
         (query,) = grounded_queries(batch, model.config.media_token_id)
         names = list(targets)
-        with T2VAttentionMass(model, [(0, query[1], targets[name]) for name in names]) as attention:
+        groups = {name: t if isinstance(t[0], list) else [t] for name, t in targets.items()}
+        with T2VAttentionMass(model, [(0, query[1], groups[name]) for name in names]) as attention:
             model(input_ids=batch["input_ids"], vision_features=features, media_num_frames=item["media_num_frames"])
         by_layer = torch.stack(attention.masses)  # (T2V layers, targets)
         keys = features.shape[0] * per_frame
         family = record["type"]
         for j, name in enumerate(names):
             masses[f"{family}/{name}"].append(float(by_layer[:, j].mean()))
-            masses[f"{family}/{name} chance"].append(len(targets[name]) / keys)
+            masses[f"{family}/{name} chance"].append(sum(len(g) for g in groups[name]) / len(groups[name]) / keys)
             layers[f"{family}/{name}"].append(by_layer[:, j])
     print(json.dumps({
         "model": str(args.model), "checkpoint": args.checkpoint, "questions": asked,

@@ -910,16 +910,18 @@ def object_patches(obj: SceneObject, t: int, size: int, grid: int) -> list[int]:
     return [r * grid + c for r in rows for c in columns]
 
 
-def grounding_targets(scene: Scene, question: str, grid: int) -> list[int] | None:
+def grounding_targets(scene: Scene, question: str, grid: int) -> list[int] | list[list[int]] | None:
     """The original tokens the answer to `question` (a user turn's text) is about, as
     indices over the video's frames in order (frame * grid² + patch), or None when its
     answer has no one place.
 
     Colour or shape "in the top-left quadrant in frame 3": that sprite's patches in frame
-    3. Pattern and motion of a named sprite: its patches in every frame it is visible.
-    Counts and appearance order are about several sprites or about absence: None. The
-    targets of `crosslmm.train.grounding`'s auxiliary loss; like the vision encoder's
-    per-patch labels, they come free from the renderer."""
+    3. Pattern of a named sprite: its patches in every frame it is visible. Its motion:
+    two head groups (`crosslmm.train.grounding`), its patches in the first and in the last
+    frame it is visible, since direction is their difference and the average position over
+    every frame says nothing about it. Counts and appearance order are about several
+    sprites or about absence: None. The targets of `crosslmm.train.grounding`'s auxiliary
+    loss; like the vision encoder's per-patch labels, they come free from the renderer."""
     per_frame = grid * grid
     match = _AT_REGION_TIME.search(question)
     if match:
@@ -931,8 +933,10 @@ def grounding_targets(scene: Scene, question: str, grid: int) -> list[int] | Non
     match = _NAMED_OBJECT.search(question)
     if match:
         obj = scene.find(match[1])
-        return [t * per_frame + p for t in range(obj.start, min(obj.end, scene.frames))
-                for p in object_patches(obj, t, scene.size, grid)]
+        visible = range(obj.start, min(obj.end, scene.frames))
+        if match[0].startswith("Which direction"):
+            return [[visible[i] * per_frame + p for p in object_patches(obj, visible[i], scene.size, grid)] for i in (0, -1)]
+        return [t * per_frame + p for t in visible for p in object_patches(obj, t, scene.size, grid)]
     return None
 
 
@@ -1049,6 +1053,33 @@ def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, f
         records.append({"id": f"hop{index:07d}", "type": "text_world", "questions": [
             {k: record[k] for k in ("type", "form", "answer")}], "conversations": [
             {"from": "human", "value": statement + question}, reply]})
+    return records
+
+
+def option_completion_records(seed: int, count: int, frames: int = 8, size: int = 64, first: int = 0) -> list[dict]:
+    """Text-only multiple-choice questions whose answer is an object ("Which object
+    appears last?"), the reply's first word given, the rest of the option and its letter
+    to be learned: where that first word names one option only, the rest is a copy from
+    the prompt.
+
+    Why: a model that reads colour well and shape poorly answered such questions with an
+    object no option names, the colour of one and the shape of another ("yellow square"
+    among "red square", "yellow circle", ...): 28 of 100 appearance-order and 34 of 100
+    pattern replies of G2, where completing the option its colour names would have been
+    right 24 and 17 times (docs/synthetic.md). Without a video the copy is the only thing
+    these records can teach. Scenes are the text world's, as in `letter_hop_records`
+    (`first` keeps a held-out probe apart); a scene whose drawn question does not fit
+    gives no record, so fewer than `count` come back."""
+    records = []
+    for record in letter_hop_records(seed, count, frames, size, first=first, families=("appearance_order", "pattern"),
+                                     mc_reply="option-letter", stated=False):
+        human, reply = record["conversations"]
+        words = reply["value"].rsplit(" (", 1)[0].split()
+        options = [line[3:] for line in human["value"].split("\n") if line[:1] in LETTERS and line[1:3] == ". "]
+        if len(words) < 2 or sum(option.split()[0] == words[0] for option in options) != 1:
+            continue
+        records.append({**record, "id": record["id"].replace("hop", "complete", 1),
+                        "conversations": [human, {**reply, "given": words[0]}]})
     return records
 
 

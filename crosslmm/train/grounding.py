@@ -16,6 +16,12 @@ one answer is -log of the attention mass the query predicting its first token pu
 those originals, averaged over heads; the loss of a batch is its mean over answers and
 T2V layers. Records without the field, and `grounding_weight: 0` (the default), train as
 before.
+
+An entry may instead be a list of G target lists: the heads are then split into G equal
+consecutive groups, group g is supervised toward list g, and each group's -log mass is
+one term of the mean. Why: an answer about change ("which direction does it move") needs
+two looks, at its first and its last frame; one target over every frame teaches heads to
+read the average position, which says nothing about direction (docs/synthetic.md).
 """
 
 from __future__ import annotations
@@ -29,14 +35,15 @@ from torch import nn
 from crosslmm.data.processor import IGNORE_INDEX
 from crosslmm.model.dcal import DCALContext, DCALDecoderLayer
 
-GroundedQuery = tuple[int, int, list[int]]  # (sample, rank among its text tokens, target originals)
+GroundedQuery = tuple[int, int, list[list[int]]]  # (sample, rank among its text tokens, target originals per head group)
 
 
 def grounded_queries(batch: dict, media_token_id: int) -> list[GroundedQuery]:
     """The T2V queries of a right-padded batch that have a grounding target: for the k-th
     answer (the k-th run of labelled tokens) of a sample whose k-th `grounding` entry is
     not null, the text token just before the answer, given as its rank among the sample's
-    text tokens: the order T2V's queries take (model/splice.py, `_t2v_groups`)."""
+    text tokens: the order T2V's queries take (model/splice.py, `_t2v_groups`). Targets
+    come as head groups: a plain list is one group."""
     groundings = batch.get("grounding") or []
     labels, input_ids = batch["labels"], batch["input_ids"]
     queries = []
@@ -50,13 +57,15 @@ def grounded_queries(batch: dict, media_token_id: int) -> list[GroundedQuery]:
             if not targets or start == 0:
                 continue
             query = start - 1
-            queries.append((b, query - int(media_before[query]), [int(t) for t in targets]))
+            groups = targets if isinstance(targets[0], list) else [targets]
+            queries.append((b, query - int(media_before[query]), [[int(t) for t in group] for group in groups]))
     return queries
 
 
 class T2VAttentionMass:
     """While a forward pass runs inside this context, record for each grounded query and
-    each T2V layer the attention mass (mean over heads) on its targets, with gradients.
+    each T2V layer the attention mass (mean over heads, each head on its group's
+    targets) on its targets, with gradients.
 
     Hooks catch each DCAL layer's context and each T2V module's inputs; the softmax is
     recomputed for the grounded queries only (`GatedCrossAttention.probabilities`), so
@@ -66,6 +75,7 @@ class T2VAttentionMass:
         self.layers = [layer for layer in model.modules() if isinstance(layer, DCALDecoderLayer) and layer.t2v is not None]
         self.queries = list(queries)
         self.masses: list[torch.Tensor] = []  # one (R,) per T2V call with grounded queries in it
+        self._group_masses: list[torch.Tensor] = []  # per query and call, (G,): what the loss reads
         self._context: dict[int, DCALContext | None] = {}
         self._calls: dict[int, int] = {}
         self._handles: list = []
@@ -85,10 +95,11 @@ class T2VAttentionMass:
         self._handles.clear()
 
     def loss(self) -> torch.Tensor | None:
-        """Mean over answers and T2V layers of -log(mass); None when nothing was grounded."""
-        if not self.masses:
+        """Mean over answers, T2V layers and head groups of -log(mass); None when nothing
+        was grounded."""
+        if not self._group_masses:
             return None
-        return -torch.cat(self.masses).clamp_min(1e-6).log().mean()
+        return -torch.cat(self._group_masses).clamp_min(1e-6).log().mean()
 
     def _grab_context(self, layer: DCALDecoderLayer, args: tuple, kwargs: dict) -> None:
         self._context[layer.layer_idx] = kwargs.get("dcal_context")
@@ -117,10 +128,19 @@ class T2VAttentionMass:
         rows_t, columns_t = torch.tensor(rows, device=hidden.device), torch.tensor(columns, device=hidden.device)
         mask = None if key_mask is None else key_mask[rows_t, columns_t][:, None]  # (R, 1, S)
         probs = module.probabilities(hidden[rows_t, columns_t][:, None], key[rows_t], mask)[:, :, 0]  # (R, H, S)
-        on_target = torch.zeros(len(rows), probs.shape[-1], dtype=torch.bool, device=probs.device)
-        for i, target in enumerate(targets):
-            inside = [t for t in target if t < probs.shape[-1]]
-            if len(inside) != len(target):
-                raise ValueError(f"grounding targets {max(target)} beyond the sample's {probs.shape[-1]} original tokens")
-            on_target[i, inside] = True
-        self.masses.append((probs * on_target[:, None]).sum(-1).mean(-1))  # (R,)
+        heads, originals = probs.shape[1], probs.shape[2]
+        on_target = torch.zeros(len(rows), heads, originals, dtype=torch.bool, device=probs.device)
+        for i, groups in enumerate(targets):
+            if heads % len(groups):
+                raise ValueError(f"{len(groups)} grounding head groups do not split T2V's {heads} heads evenly")
+            per_group = heads // len(groups)
+            for g, group in enumerate(groups):
+                if not group:
+                    raise ValueError("an empty grounding head group: its heads would have nothing to look at")
+                if max(group) >= originals:
+                    raise ValueError(f"grounding targets {max(group)} beyond the sample's {originals} original tokens")
+                on_target[i, g * per_group:(g + 1) * per_group, group] = True
+        head_mass = (probs * on_target).sum(-1)  # (R, H): each head's mass on its group's targets
+        self.masses.append(head_mass.mean(-1))  # (R,)
+        for i, groups in enumerate(targets):
+            self._group_masses.append(head_mass[i].view(len(groups), -1).mean(-1))  # (G,)
