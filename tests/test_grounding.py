@@ -195,8 +195,18 @@ def test_world_targets_are_the_sprite_the_question_is_about(seed):
             first, last = targets
             assert {i // 64 for i in first} == {obj.start} and {i // 64 for i in last} == {min(obj.end, scene.frames) - 1}
             checked_motion += 1
+        elif "appears first" in question or "appears last" in question:  # the sprite in the frame it appears
+            starts = [o.start for o in scene.objects]
+            obj = scene.objects[starts.index(min(starts) if "first" in question else max(starts))]
+            assert {i // 64 for i in targets} == {obj.start}
+        elif "Which object has" in question or "the object with" in question:
+            (obj,) = [o for o in scene.objects if f" {o.pattern}?" in question]
+            assert {i // 64 for i in targets} == set(range(obj.start, min(obj.end, scene.frames)))
+        elif "appear before the" in question:  # two head groups: each sprite where it appears
+            a, b = (scene.find(name) for name in question.split("Does the ", 1)[1].split("?")[0].split(" appear before the "))
+            assert [{i // 64 for i in group} for group in targets] == [{a.start}, {b.start}]
         else:
-            assert targets is None
+            assert "How many" in question and targets is None
     assert checked or seed, "seed 0's scene asks a quadrant question: the pixel check must run"
     assert checked_motion or seed, "seed 0's scene asks a motion question"
     assert grounding_targets(scene, "How many circles appear in the video?", 8) is None

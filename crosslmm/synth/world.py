@@ -898,6 +898,9 @@ def append_caption_turns(records: Sequence[dict], seed: int, frames: int = 8, si
 
 _AT_REGION_TIME = re.compile(r"in the ((?:top|bottom)-(?:left|right)) quadrant in frame (\d+)\?")
 _NAMED_OBJECT = re.compile(r"^(?:What pattern does|Which direction does) the ([a-z]+ [a-z]+) (?:have|move)\?", re.MULTILINE)
+_FIRST_OR_LAST = re.compile(r"^(?:Which object|What colour is the object that) appears (first|last) in the video\?", re.MULTILINE)
+_WITH_PATTERN = re.compile(r"^(?:Which object has|What colour is the object with) ([a-z]+)\?", re.MULTILINE)
+_BEFORE = re.compile(r"^Does the ([a-z]+ [a-z]+) appear before the ([a-z]+ [a-z]+)\?", re.MULTILINE)
 
 
 def object_patches(obj: SceneObject, t: int, size: int, grid: int) -> list[int]:
@@ -916,27 +919,49 @@ def grounding_targets(scene: Scene, question: str, grid: int) -> list[int] | lis
     answer has no one place.
 
     Colour or shape "in the top-left quadrant in frame 3": that sprite's patches in frame
-    3. Pattern of a named sprite: its patches in every frame it is visible. Its motion:
-    two head groups (`crosslmm.train.grounding`), its patches in the first and in the last
-    frame it is visible, since direction is their difference and the average position over
-    every frame says nothing about it. Counts and appearance order are about several
-    sprites or about absence: None. The targets of `crosslmm.train.grounding`'s auxiliary
-    loss; like the vision encoder's per-patch labels, they come free from the renderer."""
+    3. Pattern of a named sprite, and the sprite with a named pattern: its patches in
+    every frame it is visible. The object that appears first or last: its patches in the
+    frame it appears. Questions that compare two looks get two head groups
+    (`crosslmm.train.grounding`): a sprite's motion, its patches in the first and in the
+    last frame it is visible (direction is their difference; its average place over every
+    frame says nothing about it); "does A appear before B", A and B in the frames they
+    appear. Counts are about several sprites or about absence: None. The targets of
+    `crosslmm.train.grounding`'s auxiliary loss; like the vision encoder's per-patch
+    labels, they come free from the renderer."""
     per_frame = grid * grid
+
+    def at(obj: SceneObject, t: int) -> list[int]:
+        return [t * per_frame + p for p in object_patches(obj, t, scene.size, grid)]
+
+    def visible(obj: SceneObject) -> range:
+        return range(obj.start, min(obj.end, scene.frames))
+
     match = _AT_REGION_TIME.search(question)
     if match:
         t = int(match[2]) - 1
         obj = _alone_in_region(scene, match[1], t)  # the rule the question was asked under
         if obj is None:
             raise ValueError(f"{question!r}: no sprite alone in that quadrant in frame {t + 1}: not this scene's question")
-        return [t * per_frame + p for p in object_patches(obj, t, scene.size, grid)]
+        return at(obj, t)
     match = _NAMED_OBJECT.search(question)
     if match:
         obj = scene.find(match[1])
-        visible = range(obj.start, min(obj.end, scene.frames))
         if match[0].startswith("Which direction"):
-            return [[visible[i] * per_frame + p for p in object_patches(obj, visible[i], scene.size, grid)] for i in (0, -1)]
-        return [t * per_frame + p for t in visible for p in object_patches(obj, t, scene.size, grid)]
+            return [at(obj, visible(obj)[0]), at(obj, visible(obj)[-1])]
+        return [i for t in visible(obj) for i in at(obj, t)]
+    match = _FIRST_OR_LAST.search(question)
+    if match:
+        starts = [obj.start for obj in scene.objects]
+        obj = scene.objects[starts.index((min if match[1] == "first" else max)(starts))]
+        return at(obj, obj.start)
+    match = _WITH_PATTERN.search(question)
+    if match:
+        (obj,) = [obj for obj in scene.objects if obj.pattern == match[1]]  # asked only when one has it
+        return [i for t in visible(obj) for i in at(obj, t)]
+    match = _BEFORE.search(question)
+    if match:
+        first, second = scene.find(match[1]), scene.find(match[2])
+        return [at(first, first.start), at(second, second.start)]
     return None
 
 
