@@ -22,14 +22,14 @@ A model without T2V (`use_t2v=False`) still answers; the picture is skipped with
 message, since there is no text-to-video attention to show.
 
 The attention is recomputed, not read out: `GatedCrossAttention` runs SDPA, which never
-materialises probabilities. `t2v_attention` runs one forward pass with hooks that catch
-each T2V module's inputs and redoes its softmax (same projections, scale and mask) for
-the requested query rows only (`GatedCrossAttention.probabilities`).
+materialises probabilities. `t2v_attention` runs one forward pass under
+`crosslmm.model.t2v_probe.T2VAttentionRecorder`, which redoes the softmax (same
+projections, scale and mask) for the requested query rows only; the grounding loss
+records through the same code.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -42,9 +42,8 @@ import torch
 from crosslmm.data.processor import CrossLMMProcessor
 from crosslmm.data.video import VideoClip, load_media
 from crosslmm.infer import generate_answer, load
-from crosslmm.model.cross_attention import GatedCrossAttention
-from crosslmm.model.dcal import DCALContext, DCALDecoderLayer
 from crosslmm.model.modeling import CrossLMMForCausalLM
+from crosslmm.model.t2v_probe import T2VAttentionRecorder, t2v_layers
 from crosslmm.synth.evaluate import ANSWER_TOKENS, is_correct
 from crosslmm.synth.world import (
     FAMILIES,
@@ -113,89 +112,40 @@ def model_mc_reply(model_dir: str | Path) -> str:
 # --------------------------------------------------------------------------- attention
 
 
-def t2v_layers(model: CrossLMMForCausalLM) -> list[DCALDecoderLayer]:
-    """The DCAL layers that have a T2V cross-attention (empty without T2V)."""
-    return [layer for layer in model.decoder_layers if isinstance(layer, DCALDecoderLayer) and layer.t2v is not None]
-
-
-def expanded_positions(model: CrossLMMForCausalLM, input_ids: torch.Tensor, media_num_frames: torch.Tensor,
-                       positions: Sequence[int]) -> list[int]:
-    """Positions in `input_ids[0]` -> positions in the sequence the LLM runs on, where
-    each media placeholder has become its frames' pooled tokens (see model/splice.py)."""
-    ids = input_ids[0]
-    widths = torch.ones_like(ids)
-    placeholder = ids == model.config.media_token_id
-    per_media = media_num_frames.to(ids.device) * model.config.tokens_per_frame + model.config.tokens_after_media
-    widths[placeholder] = per_media
-    starts = torch.cumsum(widths, 0) - widths  # (L,) first expanded position of each input token
-    for p in positions:
-        if bool(placeholder[p]):
-            raise ValueError(f"position {p} is a media placeholder, not a text token")
-    return [int(starts[p]) for p in positions]
-
-
 @torch.no_grad()
 def t2v_attention(model: CrossLMMForCausalLM, inputs: dict[str, Any], positions: Sequence[int]) -> torch.Tensor:
     """Where the T2V cross-attention of the text tokens at `positions` (indices into
     `inputs["input_ids"][0]`) looked: (frames, grid, grid) float32, summing to 1.
 
-    One forward pass over `inputs` (a batch of one, as the processor builds it); hooks
-    catch every T2V module's inputs and the `DCALContext` of its layer, and the softmax
-    is recomputed for the requested query rows only. Averaged over those rows, all
-    heads and all DCAL layers with T2V. Raises ValueError without T2V."""
-    layers = t2v_layers(model)
-    if not layers:
+    One forward pass over `inputs` (a batch of one, as the processor builds it), recorded
+    by `T2VAttentionRecorder` (the grounding loss reads the same softmax). Averaged over
+    those rows, all heads and all DCAL layers with T2V. Raises ValueError without T2V."""
+    if not t2v_layers(model):
         raise ValueError("this model has no T2V cross-attention (use_t2v=False): there is no attention to show")
     if inputs["input_ids"].shape[0] != 1:
         raise ValueError(f"t2v_attention takes a batch of one, got {inputs['input_ids'].shape[0]} rows")
     if inputs.get("media_num_frames") is None or not len(inputs["media_num_frames"]):
         raise ValueError("t2v_attention needs media in the inputs")
-    targets = expanded_positions(model, inputs["input_ids"], inputs["media_num_frames"], positions)
-    contexts: dict[int, DCALContext] = {}
-    per_layer: list[torch.Tensor] = []  # (S,) mean attention over rows and heads, one per layer
-    layout: dict[str, int] = {}
-
-    def grab_context(layer: DCALDecoderLayer, args: tuple, kwargs: dict) -> None:
-        contexts[layer.layer_idx] = kwargs.get("dcal_context")
-
-    def recompute(layer: DCALDecoderLayer, attention: GatedCrossAttention, args: tuple, kwargs: dict) -> None:
-        bound = inspect.signature(attention.forward).bind(*args, **kwargs)
-        bound.apply_defaults()
-        hidden, key, key_mask = bound.arguments["hidden"], bound.arguments["key"], bound.arguments["key_mask"]
-        groups = contexts[layer.layer_idx].t2v
-        # Batch of one: one group (G = 1); find each target position among its queries.
-        query_index = groups.query_index[0]  # (Lq,) flat positions b*L' + t
-        rows = []
-        for position, target in zip(positions, targets):
-            hits = (query_index == target).nonzero()
-            if not len(hits) or int(groups.visible_frames[0, hits[0, 0]]) == 0:
-                raise ValueError(f"position {position} is not a text token after the media")
-            rows.append(int(hits[0, 0]))
-        rows_t = torch.tensor(rows, device=hidden.device)
-        mask = None if key_mask is None else key_mask[:1, rows_t]  # (1, R, S)
-        probs = attention.probabilities(hidden[:1, rows_t], key[:1], mask)  # (1, H, R, S)
-        per_layer.append(probs[0].mean(dim=(0, 1)))  # (S,)
-        layout["frames"], layout["tokens"] = groups.key_frames.shape[1], contexts[layer.layer_idx].original_tokens_per_frame
-
-    handles = []
-    try:
-        for layer in layers:
-            handles.append(layer.register_forward_pre_hook(grab_context, with_kwargs=True))
-            handles.append(layer.t2v.register_forward_hook(
-                lambda module, args, kwargs, output, layer=layer: recompute(layer, module, args, kwargs),
-                with_kwargs=True,
-            ))
+    placeholder = inputs["input_ids"][0] == model.config.media_token_id  # (L,)
+    media_before = torch.cumsum(placeholder, 0)  # (L,) placeholders up to each position
+    for p in positions:
+        if bool(placeholder[p]):
+            raise ValueError(f"position {p} is a media placeholder, not a text token")
+    queries = [(0, p - int(media_before[p])) for p in positions]  # T2V queries are the text tokens in order
+    with T2VAttentionRecorder(model, queries) as recorder:
         model(**inputs, use_cache=False, logits_to_keep=1)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not per_layer:
+    for rows in recorder.rows:
+        if len(rows.queries) != len(queries) or bool((rows.visible_frames == 0).any()):
+            late = [positions[q] for q, seen in zip(rows.queries, rows.visible_frames.tolist()) if seen == 0]
+            raise ValueError(f"position {(late or positions)[0]} is not a text token after the media")
+    if not recorder.rows:
         raise ValueError("no T2V cross-attention ran: the inputs hold no media the text could attend to")
-    grid = math.isqrt(layout["tokens"])
-    if grid * grid != layout["tokens"]:
-        raise ValueError(f"{layout['tokens']} original tokens per frame do not form a square patch grid")
-    mean = torch.stack(per_layer).mean(dim=0)  # (S,) = (frames * grid * grid,), frame-major, row-major
-    return mean.view(layout["frames"], grid, grid)
+    tokens = recorder.rows[0].originals_per_frame
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise ValueError(f"{tokens} original tokens per frame do not form a square patch grid")
+    mean = torch.stack([rows.probabilities.mean(dim=(0, 1)) for rows in recorder.rows]).mean(dim=0)  # (S,)
+    return mean.view(recorder.rows[0].frame_slots, grid, grid)  # frame-major, row-major
 
 
 # --------------------------------------------------------------------------- asking

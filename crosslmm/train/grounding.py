@@ -26,14 +26,13 @@ read the average position, which says nothing about direction (docs/synthetic.md
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from crosslmm.data.processor import IGNORE_INDEX
-from crosslmm.model.dcal import DCALContext, DCALDecoderLayer
+from crosslmm.model.t2v_probe import T2VAttentionRecorder, T2VRows
 
 GroundedQuery = tuple[int, int, list[list[int]]]  # (sample, rank among its text tokens, target originals per head group)
 
@@ -62,75 +61,21 @@ def grounded_queries(batch: dict, media_token_id: int) -> list[GroundedQuery]:
     return queries
 
 
-class T2VAttentionMass:
-    """While a forward pass runs inside this context, record for each grounded query and
-    each T2V layer the attention mass (mean over heads, each head on its group's
-    targets) on its targets, with gradients.
-
-    Hooks catch each DCAL layer's context and each T2V module's inputs; the softmax is
-    recomputed for the grounded queries only (`GatedCrossAttention.probabilities`), so
-    the forward pass itself is unchanged."""
+class T2VAttentionMass(T2VAttentionRecorder):
+    """While a forward pass runs inside this context, record T2V's attention for each
+    grounded query (`crosslmm.model.t2v_probe`, as `crosslmm demo` draws it); afterwards
+    `masses` and `loss` read its mass on the targets, with gradients."""
 
     def __init__(self, model: nn.Module, queries: Sequence[GroundedQuery]) -> None:
-        self.layers = [layer for layer in model.modules() if isinstance(layer, DCALDecoderLayer) and layer.t2v is not None]
-        self.queries = list(queries)
-        self.masses: list[torch.Tensor] = []  # one (R,) per T2V call with grounded queries in it
-        self._group_masses: list[torch.Tensor] = []  # per query and call, (G,): what the loss reads
-        self._context: dict[int, DCALContext | None] = {}
-        self._calls: dict[int, int] = {}
-        self._handles: list = []
+        super().__init__(model, [(sample, rank) for sample, rank, _ in queries])
+        self.targets = [groups for _, _, groups in queries]
 
-    def __enter__(self) -> T2VAttentionMass:
-        for layer in self.layers:
-            self._handles.append(layer.register_forward_pre_hook(self._grab_context, with_kwargs=True))
-            self._handles.append(layer.t2v.register_forward_hook(
-                lambda module, args, kwargs, output, layer=layer: self._measure(layer, module, args, kwargs),
-                with_kwargs=True,
-            ))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def loss(self) -> torch.Tensor | None:
-        """Mean over answers, T2V layers and head groups of -log(mass); None when nothing
-        was grounded."""
-        if not self._group_masses:
-            return None
-        return -torch.cat(self._group_masses).clamp_min(1e-6).log().mean()
-
-    def _grab_context(self, layer: DCALDecoderLayer, args: tuple, kwargs: dict) -> None:
-        self._context[layer.layer_idx] = kwargs.get("dcal_context")
-        self._calls[layer.layer_idx] = 0
-
-    def _measure(self, layer: DCALDecoderLayer, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        context = self._context.get(layer.layer_idx)
-        if context is None or context.t2v is None or context.cross_attention_cache is not None:
-            return  # decoding, or no media: nothing to supervise
-        # The layer calls T2V once per part of its groups (split by key count), in order.
-        part = context.t2v.by_key_count()[self._calls[layer.layer_idx]]
-        self._calls[layer.layer_idx] += 1
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-        bound.apply_defaults()
-        hidden, key, key_mask = bound.arguments["hidden"], bound.arguments["key"], bound.arguments["key_mask"]
-        rows, columns, targets = [], [], []
-        for sample, rank, target in self.queries:
-            flat = context.t2v.query_index[sample, rank]  # the query's position in the expanded batch
-            hits = (part.query_index == flat).nonzero()
-            if len(hits):
-                rows.append(int(hits[0, 0]))
-                columns.append(int(hits[0, 1]))
-                targets.append(target)
-        if not rows:
-            return
-        rows_t, columns_t = torch.tensor(rows, device=hidden.device), torch.tensor(columns, device=hidden.device)
-        mask = None if key_mask is None else key_mask[rows_t, columns_t][:, None]  # (R, 1, S)
-        probs = module.probabilities(hidden[rows_t, columns_t][:, None], key[rows_t], mask)[:, :, 0]  # (R, H, S)
-        heads, originals = probs.shape[1], probs.shape[2]
-        on_target = torch.zeros(len(rows), heads, originals, dtype=torch.bool, device=probs.device)
-        for i, groups in enumerate(targets):
+    def _head_masses(self, rows: T2VRows) -> torch.Tensor:
+        """(R, H): each head's mass on its own head group's targets."""
+        _, heads, originals = rows.probabilities.shape
+        on_target = torch.zeros_like(rows.probabilities, dtype=torch.bool)  # (R, H, S)
+        for i, query in enumerate(rows.queries):
+            groups = self.targets[query]
             if heads % len(groups):
                 raise ValueError(f"{len(groups)} grounding head groups do not split T2V's {heads} heads evenly")
             per_group = heads // len(groups)
@@ -140,7 +85,22 @@ class T2VAttentionMass:
                 if max(group) >= originals:
                     raise ValueError(f"grounding targets {max(group)} beyond the sample's {originals} original tokens")
                 on_target[i, g * per_group:(g + 1) * per_group, group] = True
-        head_mass = (probs * on_target).sum(-1)  # (R, H): each head's mass on its group's targets
-        self.masses.append(head_mass.mean(-1))  # (R,)
-        for i, groups in enumerate(targets):
-            self._group_masses.append(head_mass[i].view(len(groups), -1).mean(-1))  # (G,)
+        return (rows.probabilities * on_target).sum(-1)
+
+    @property
+    def masses(self) -> list[torch.Tensor]:
+        """Per T2V call that served grounded queries, (R,): the mean over heads of each
+        head's mass on its group's targets."""
+        return [self._head_masses(rows).mean(-1) for rows in self.rows]
+
+    def loss(self) -> torch.Tensor | None:
+        """Mean over answers, T2V layers and head groups of -log(mass); None when nothing
+        was grounded."""
+        terms = []
+        for rows in self.rows:
+            head_mass = self._head_masses(rows)
+            for i, query in enumerate(rows.queries):
+                terms.append(head_mass[i].view(len(self.targets[query]), -1).mean(-1))  # (G,)
+        if not terms:
+            return None
+        return -torch.cat(terms).clamp_min(1e-6).log().mean()
