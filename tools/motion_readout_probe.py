@@ -13,7 +13,13 @@ questions train, the rest score) of the direction from:
   its last frame exactly (what perfect attention would read): whether the values carry
   the place at all;
 - "oracle originals": the originals (what the keys and values are projected from)
-  averaged the same way.
+  averaged the same way;
+- "looks, layer i": one T2V layer's head outputs;
+- "T2V write, layer i": what that T2V adds to the residual stream there (its looks
+  through the output projection and the gate);
+- "residual after layer i": the residual stream at that query after each decoder layer
+  (DCAL layers include their cross-attentions): where along the stack the direction
+  fades, if the looks carry it.
 
 Chance is the most frequent direction's share. Run it on a world the model did not
 train on (its test split):
@@ -62,22 +68,38 @@ def main() -> None:
             bound = inspect.signature(module.forward).bind(*args_, **kwargs)
             values.append(bound.arguments["value"])  # (G, Hkv, S, hd)
 
-        hooks = [layer.t2v.register_forward_pre_hook(keep, with_kwargs=True) for layer in t2v_layers(model)]
+        residuals, where = [], {}  # per decoder layer (1, L', D); the query's flat position
+
+        def find_query(layer, args_, kwargs):
+            where.setdefault("flat", int(kwargs["dcal_context"].t2v.query_index[sample, rank]))
+
+        def keep_residual(layer, args_, output):
+            residuals.append(output[0] if isinstance(output, tuple) else output)
+
+        layers = t2v_layers(model)
+        hooks = [layer.t2v.register_forward_pre_hook(keep, with_kwargs=True) for layer in layers]
+        hooks.append(layers[0].register_forward_pre_hook(find_query, with_kwargs=True))
+        hooks += [layer.register_forward_hook(keep_residual) for layer in model.decoder_layers]
         with T2VAttentionRecorder(model, [(sample, rank)]) as recorder:
             model(input_ids=batch["input_ids"], vision_features=vision, media_num_frames=item["media_num_frames"])
         for hook in hooks:
             hook.remove()
         looks, oracle = [], []
-        for rows, value in zip(recorder.rows, values):
+        for layer, rows, value in zip(layers, recorder.rows, values):
             value = value[0].float()  # (Hkv, S, hd): one sample, one group
             heads = rows.probabilities.shape[1]
-            value = value.repeat_interleave(heads // value.shape[0], dim=0)  # (H, S, hd)
-            looks.append(torch.einsum("hs,hsd->hd", rows.probabilities[0], value).flatten())
+            value = value.repeat_interleave(heads // value.shape[0], dim=0)  # (H, S, hd), head h reads kv head h // rep
+            looks.append(torch.einsum("hs,hsd->hd", rows.probabilities[0], value).flatten())  # heads in o_proj's order
+            features.setdefault(f"looks, layer {layer.layer_idx}", []).append(looks[-1])
+            write = torch.tanh(layer.t2v.gate.float()) * layer.t2v.o_proj(looks[-1].to(layer.t2v.o_proj.weight.dtype)).float()
+            features.setdefault(f"T2V write, layer {layer.layer_idx}", []).append(write)
             oracle.append(torch.cat([value[:, first].mean(1), value[:, last].mean(1)], dim=-1).flatten())
         marked = model.mark_originals(model.project_frames(vision), item["media_num_frames"]).flatten(0, 1).float()  # (F*N, D)
         features["looks"].append(torch.cat(looks))
         features["oracle looks"].append(torch.cat(oracle))
         features["oracle originals"].append(torch.cat([marked[first].mean(0), marked[last].mean(0)]))
+        for i, residual in enumerate(residuals):
+            features.setdefault(f"residual after layer {i}", []).append(residual.flatten(0, 1)[where["flat"]].float())
         labels.append(DIRECTIONS.index(record["answer"]))
     labels_t = torch.tensor(labels)
     train_rows = int(0.8 * len(labels))
