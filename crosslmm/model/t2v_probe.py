@@ -84,19 +84,20 @@ class T2VAttentionRecorder:
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
         bound.apply_defaults()
         hidden, key, key_mask = bound.arguments["hidden"], bound.arguments["key"], bound.arguments["key_mask"]
-        found, groups, columns = [], [], []
-        for i, (sample, rank) in enumerate(self.queries):
-            flat = context.t2v.query_index[sample, rank]  # the query's position in the expanded batch
-            if flat < 0:
-                raise ValueError(f"sample {sample} has no text token of rank {rank}")
-            hits = (part.query_index == flat).nonzero()
-            if len(hits):
-                found.append(i)
-                groups.append(int(hits[0, 0]))
-                columns.append(int(hits[0, 1]))
-        if not found:
+        if not self.queries:
             return
-        groups_t, columns_t = torch.tensor(groups, device=hidden.device), torch.tensor(columns, device=hidden.device)
+        samples, ranks = torch.tensor(self.queries, device=hidden.device).T  # (Q,) each
+        flat = context.t2v.query_index[samples, ranks]  # (Q,) each query's position in the expanded batch
+        if bool((flat < 0).any()):
+            sample, rank = self.queries[int((flat < 0).nonzero()[0, 0])]
+            raise ValueError(f"sample {sample} has no text token of rank {rank}")
+        hits = part.query_index.reshape(1, -1) == flat[:, None]  # (Q, G * Lq): at most one hit per row
+        found_t = hits.any(dim=1).nonzero().flatten()  # (R,) the queries this part serves
+        if not len(found_t):
+            return
+        slot = hits[found_t].float().argmax(dim=1)  # (R,) flat index into part.query_index
+        groups_t, columns_t = slot // part.query_index.shape[1], slot % part.query_index.shape[1]
+        found = found_t.tolist()
         mask = None if key_mask is None else key_mask[groups_t, columns_t][:, None]  # (R, 1, S)
         probabilities = module.probabilities(hidden[groups_t, columns_t][:, None], key[groups_t], mask)[:, :, 0]
         self.rows.append(T2VRows(layer.layer_idx, found, probabilities, part.visible_frames[groups_t, columns_t],

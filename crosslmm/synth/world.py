@@ -1076,7 +1076,7 @@ def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, f
         if not stated:
             reply = _option_text_given(reply)
         records.append({"id": f"hop{index:07d}", "type": "text_world", "questions": [
-            {k: record[k] for k in ("type", "form", "answer")}], "conversations": [
+            {k: record[k] for k in ("type", "form", "answer", "options")}], "conversations": [
             {"from": "human", "value": statement + question}, reply]})
     return records
 
@@ -1100,7 +1100,7 @@ def option_completion_records(seed: int, count: int, frames: int = 8, size: int 
                                      mc_reply="option-letter", stated=False):
         human, reply = record["conversations"]
         words = reply["value"].rsplit(" (", 1)[0].split()
-        options = [line[3:] for line in human["value"].split("\n") if line[:1] in LETTERS and line[1:3] == ". "]
+        options = record["questions"][0]["options"]
         if len(words) < 2 or sum(option.split()[0] == words[0] for option in options) != 1:
             continue
         records.append({**record, "id": record["id"].replace("hop", "complete", 1),
