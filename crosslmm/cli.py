@@ -381,6 +381,71 @@ def synth_eval(
         out.write_text(json.dumps(result, indent=1))
 
 
+@app.command("synth-vision")
+def synth_vision(
+    out: Path = typer.Argument(..., help="Output folder: a SiglipVisionModel checkpoint and pretraining.json."),
+    world: Path = typer.Option(..., help="A folder written by `crosslmm synth`: its training split's scenes."),
+    model: Path = typer.Option(..., help="A CrossLMM checkpoint whose vision encoder training continues."),
+    scenes: int = typer.Option(3000, help="Training scenes (the split's first)."),
+    heldout: int = typer.Option(100, help="The split's next scenes, which score the report."),
+    steps: int = typer.Option(3000, help="Optimizer steps."),
+    batch_frames: int = typer.Option(64, help="Frames per step."),
+    learning_rate: float = typer.Option(5e-4, help="Peak learning rate (warmup, then cosine)."),
+    anchor: float = typer.Option(1.0, help="Weight of the pull toward the starting encoder's features (0: none)."),
+    seed: int = typer.Option(0, help="Initialisation of the heads and order of the frames."),
+) -> None:
+    """Continue the per-patch pretraining of a model's frozen vision encoder on a world's
+    training scenes (docs/synthetic.md, "a better-trained encoder"); `crosslmm set-vision`
+    puts the result into a model."""
+    import json
+
+    from crosslmm.infer import load
+    from crosslmm.synth.evaluate import split_scenes
+    from crosslmm.synth.vision_pretrain import pretrain_vision
+
+    crosslmm_model, _ = load(model)
+    try:
+        split = [scene for _, scene in split_scenes(world, "train", scenes + heldout)]
+        if len(split) < scenes + heldout:
+            raise ValueError(f"{world}'s training split has {len(split)} scenes, fewer than --scenes + --heldout")
+        report = pretrain_vision(crosslmm_model.config, split[:scenes], split[scenes:], out, steps=steps,
+                                 batch_frames=batch_frames, learning_rate=learning_rate, seed=seed,
+                                 init=crosslmm_model.vision_tower, anchor=anchor)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    report.update(init=str(model), world=str(world))
+    (out / "pretraining.json").write_text(json.dumps(report, indent=2))
+    typer.echo(json.dumps(report["eval_patch_accuracy"]))
+
+
+@app.command("set-vision")
+def set_vision(
+    model: Path = typer.Argument(..., help="A CrossLMM checkpoint directory."),
+    encoder: Path = typer.Argument(..., help="A vision-encoder checkpoint of the model's tower shape."),
+    out: Path = typer.Argument(..., help="Where the model with the new encoder is written."),
+) -> None:
+    """Write MODEL with its vision tower's weights taken from ENCODER (everything else,
+    processor included, unchanged). Feature caches of the old encoder are refused by
+    their fingerprint, so training encodes its videos again."""
+    import json
+    import shutil
+
+    from crosslmm.checkpoints.scratch import load_vision_weights
+    from crosslmm.infer import load
+
+    crosslmm_model, processor = load(model)
+    try:
+        load_vision_weights(crosslmm_model, encoder)
+    except (ValueError, OSError) as err:
+        _fail(err)
+    crosslmm_model.save_pretrained(out)
+    processor.save_pretrained(out)
+    if (encoder / "pretraining.json").exists():
+        shutil.copy(encoder / "pretraining.json", out / "vision_pretraining.json")
+    (out / "set_vision.json").write_text(json.dumps({"model": str(model), "encoder": str(encoder)}, indent=2))
+    typer.echo(f"wrote {out}")
+
+
 @app.command("synth-ablations", context_settings={"allow_extra_args": True})
 def synth_ablations(
     ctx: typer.Context,

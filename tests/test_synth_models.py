@@ -120,6 +120,56 @@ def test_vision_pretraining_learns_and_loads_into_a_crosslmm(tmp_path):
         assert torch.equal(tensor, pretrained[name]), name
 
 
+def test_a_models_encoder_trains_on_and_set_vision_puts_it_back(tmp_path, data):
+    # `crosslmm synth-vision` continues a model's frozen encoder (heads fitted first,
+    # then the tower), `crosslmm set-vision` writes the model with it; the anchor keeps
+    # the features near where they started.
+    from typer.testing import CliRunner
+
+    from crosslmm.checkpoints.build import load_vision
+    from crosslmm.cli import app
+    from crosslmm.infer import load
+    from crosslmm.synth.vision_pretrain import frames_and_labels
+
+    model_dir = init_from_scratch("small", tmp_path / "model", ["What colour is the red square?"], vocab_size=300)
+    runner = CliRunner()
+    for name, anchor in (("free", "0"), ("anchored", "100")):
+        result = runner.invoke(app, ["synth-vision", str(tmp_path / name), "--world", str(data), "--model", str(model_dir),
+                                     "--scenes", "4", "--heldout", "2", "--steps", "15", "--learning-rate", "2e-3",
+                                     "--anchor", anchor])
+        assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "anchored" / "pretraining.json").read_text())
+    assert report["init"] == str(model_dir) and report["anchor"] == 100.0 and report["world"] == str(data)
+
+    pixels, _ = frames_and_labels([scene_for(3, 0)], 8)
+    model, _ = load(model_dir)
+    tower = model.vision_tower
+    with torch.no_grad():
+        start = tower(pixels)
+        moved = {}
+        for name in ("free", "anchored"):
+            state = load_vision(tmp_path / name).state_dict()
+            tower.vit.load_state_dict({k: state[k] for k in tower.vit.state_dict()})
+            moved[name] = float((tower(pixels) - start).pow(2).mean())
+    assert moved["anchored"] < 0.5 * moved["free"], moved
+
+    result = runner.invoke(app, ["set-vision", str(model_dir), str(tmp_path / "anchored"), str(tmp_path / "swapped")])
+    assert result.exit_code == 0, result.output
+    swapped = load_file(tmp_path / "swapped" / "model.safetensors")
+    start = load_file(model_dir / "model.safetensors")
+    encoder = load_vision(tmp_path / "anchored").state_dict()
+    for name, tensor in swapped.items():
+        if name.startswith("vision_tower.vit."):
+            assert torch.equal(tensor, encoder[name.removeprefix("vision_tower.vit.")]), name
+        else:
+            assert torch.equal(tensor, start[name]), name
+    assert (tmp_path / "swapped" / "vision_pretraining.json").exists()
+
+    pretrain_vision(preset_config("tiny"), [scene_for(0, 0, size=56)], [scene_for(0, 1, size=56)], tmp_path / "v", steps=1)
+    result = runner.invoke(app, ["set-vision", str(model_dir), str(tmp_path / "v"), str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "does not fit" in result.output
+
+
 def test_init_rejects_a_vision_checkpoint_of_another_shape(tmp_path):
     pretrain_vision(preset_config("tiny"), [scene_for(0, 0, size=56)], [scene_for(0, 1, size=56)], tmp_path / "v", steps=1)
     with pytest.raises(ValueError, match="does not fit"):

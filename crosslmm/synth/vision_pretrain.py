@@ -20,6 +20,7 @@ values.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -93,7 +94,8 @@ class PatchProbe(nn.Module):
         width = config.vision_config.hidden_size
         self.heads = nn.ModuleDict({name: nn.Linear(width, 1 + len(classes)) for name, classes in TARGETS.items()})
 
-    def forward(self, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor, return_tokens: bool = False):
+        """(loss, per-target accuracy on sprite patches[, the tower's tokens (n, N, Dv)])."""
         tokens = self.tower(pixels)  # (n, N, Dv)
         loss = torch.zeros(())
         accuracy = {}
@@ -103,7 +105,23 @@ class PatchProbe(nn.Module):
             loss = loss + F.cross_entropy(logits.flatten(0, 1), target.flatten())
             sprite = target > 0  # accuracy where it matters: patches that show a sprite
             accuracy[name] = float((logits.argmax(-1)[sprite] == target[sprite]).float().mean())
-        return loss, accuracy
+        return (loss, accuracy, tokens) if return_tokens else (loss, accuracy)
+
+
+def fit_heads(probe: PatchProbe, encoder: VisionTower, pixels: torch.Tensor, labels: torch.Tensor,
+              frames: int = 4096, steps: int = 300) -> None:
+    """Fit the probe's linear heads alone on `encoder`'s (frozen) features of the first
+    `frames` frames: full batch, Adam."""
+    with torch.no_grad():
+        features = torch.cat([encoder(pixels[i:i + 512]) for i in range(0, min(frames, len(pixels)), 512)])
+    labels = labels[: len(features)]
+    optimizer = torch.optim.Adam(probe.heads.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = sum(F.cross_entropy(head(features).flatten(0, 1), labels[..., k].flatten())
+                   for k, head in enumerate(probe.heads.values()))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
 
 def pretrain_vision(
@@ -115,18 +133,41 @@ def pretrain_vision(
     batch_frames: int = 64,
     learning_rate: float = 2e-3,
     seed: int = 0,
+    init: str | Path | VisionTower | None = None,
+    anchor: float = 0.0,
 ) -> dict:
     """Train the vision encoder of `config` on per-patch labels of `train_scenes`, save it
     to `out_dir` as a `SiglipVisionModel` checkpoint and return its held-out per-patch
-    accuracy on `eval_scenes` (sprite patches only)."""
+    accuracy on `eval_scenes` (sprite patches only).
+
+    `init` (a vision-encoder checkpoint of `config`'s shape, or a model's tower)
+    continues an encoder instead of starting from random weights: a longer pretraining
+    of the encoder a trained CrossLMM already reads. Its heads are first fitted on the frozen encoder's features,
+    so random heads do not shake the tower in the first steps; `anchor` > 0 adds
+    `anchor * |f - f0|^2 / |f0|^2` (f0: the starting encoder's features of the same
+    frames), which keeps the features near what the downstream projector learned
+    (docs/synthetic.md, "a better-trained encoder")."""
     if config.vision_config.model_type != "siglip_vision_model":
         raise ValueError("synthetic-world pretraining builds a SigLIP vision encoder")
     grid = config.vision_grid_size
     if train_scenes[0].size != config.image_size:
         raise ValueError(f"scenes are {train_scenes[0].size} px; the vision encoder takes {config.image_size} px")
+    if anchor and init is None:
+        raise ValueError("anchor keeps an encoder near where it started: give init")
     torch.manual_seed(seed)
     probe = PatchProbe(config)
     pixels, labels = frames_and_labels(train_scenes, grid)
+    initial = None  # the starting encoder, frozen: the anchor's reference
+    if init is not None:
+        if isinstance(init, VisionTower):
+            encoder = init.vit.state_dict()
+        else:
+            from crosslmm.checkpoints.build import load_vision
+
+            encoder = load_vision(init, dtype=torch.float32).state_dict()
+        probe.tower.vit.load_state_dict({k: encoder[k].float() for k in probe.tower.vit.state_dict()})
+        initial = copy.deepcopy(probe.tower).eval().requires_grad_(False)
+        fit_heads(probe, initial, pixels, labels)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=learning_rate, weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -138,7 +179,11 @@ def pretrain_vision(
     for step in range(steps):
         start = (step * batch_frames) % len(pixels)
         index = order[start:start + batch_frames]
-        loss, _ = probe(pixels[index], labels[index])
+        loss, _, tokens = probe(pixels[index], labels[index], return_tokens=True)
+        if anchor:
+            with torch.no_grad():
+                reference = initial(pixels[index])  # (n, N, Dv)
+            loss = loss + anchor * (tokens - reference).pow(2).mean() / reference.pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -150,7 +195,9 @@ def pretrain_vision(
     with torch.no_grad():
         loss, accuracy = probe(eval_pixels, eval_labels)
     save_vision_encoder(probe.tower, config.vision_config, out_dir)
-    report = {"steps": steps, "batch_frames": batch_frames, "train_frames": len(pixels), "seconds": round(seconds, 1),
+    report = {"steps": steps, "batch_frames": batch_frames, "learning_rate": learning_rate,
+              "init": None if init is None else str(init) if isinstance(init, (str, Path)) else "a given tower",
+              "anchor": anchor, "train_frames": len(pixels), "seconds": round(seconds, 1),
               "eval_loss": round(float(loss), 4), "eval_patch_accuracy": {k: round(v, 4) for k, v in accuracy.items()}}
     (Path(out_dir) / "pretraining.json").write_text(json.dumps(report, indent=2))
     return report
