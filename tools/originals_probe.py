@@ -7,7 +7,9 @@ held-out videos, training on the first 80 % of the videos and scoring on the res
 six targets: the patch's index in the grid, its quadrant, the frame's index within the
 video (every patch; chance 1/64, 1/4, 1/8), and the colour, shape and pattern of the
 sprite covering the patch (only patches a sprite covers, labelled by the renderer as in
-the vision pretraining; the scenes are regenerated from the world's seed). It probes two
+the vision pretraining; the scenes are regenerated from the world's seed); and a
+seventh, a sprite's shape from the mean of the patches it covers most (per visible
+sprite and frame): what a read spread over the whole sprite could tell. It probes two
 feature sets: the frozen ViT's patch features, and the originals the cross-attentions
 read (after the projector and, where the model has them, the temporal and spatial
 embeddings). A gap between the two says what the projector drops.
@@ -25,9 +27,9 @@ import torch
 
 from crosslmm.data.video import load_video
 from crosslmm.infer import encode_clip, load
-from crosslmm.synth.vision_pretrain import TARGETS, patch_labels
+from crosslmm.synth.vision_pretrain import TARGETS, object_map, patch_labels
 from crosslmm.synth.evaluate import split_scenes
-from crosslmm.synth.world import video_id
+from crosslmm.synth.world import SHAPES, video_id
 
 
 def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int, train_rows: int, steps: int) -> float:
@@ -49,6 +51,27 @@ def covered_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int,
     """probe_accuracy on the rows whose label is a sprite's (label > 0), background left out."""
     covered = labels > 0
     return probe_accuracy(features[covered], labels[covered] - 1, classes, int(covered[:train_rows].sum()), steps)
+
+
+def sprite_shapes(features: list[torch.Tensor], scenes: list, grid: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Per visible sprite and frame: the mean of the features (F, N, D per video) of the
+    patches it covers most (what a read spread over the sprite could take), its shape
+    label, and its video's position in `scenes` (to hold whole videos out)."""
+    rows, labels, videos = [], [], []
+    for v, ((_, scene), video) in enumerate(zip(scenes, features)):
+        side = scene.size // grid
+        for t in range(video.shape[0]):
+            ids = object_map(scene, t) + 1  # 0: background
+            cover = np.stack([np.bincount(ids[r * side:(r + 1) * side, c * side:(c + 1) * side].ravel(),
+                                          minlength=len(scene.objects) + 1)[1:]
+                              for r in range(grid) for c in range(grid)])  # (N, objects) pixels covered
+            owner = torch.from_numpy(np.where(cover.max(1) > 0, cover.argmax(1), -1))
+            for o, obj in enumerate(scene.objects):
+                if (owner == o).any():
+                    rows.append(video[t, owner == o].float().mean(0))
+                    labels.append(SHAPES.index(obj.shape))
+                    videos.append(v)
+    return torch.stack(rows), torch.tensor(labels), videos
 
 
 def main() -> None:
@@ -93,6 +116,10 @@ def main() -> None:
             target: round((covered_accuracy if target in TARGETS else probe_accuracy)(
                 features, labels, classes, train_rows, args.steps), 3)
             for target, (labels, classes) in targets.items()}
+        sprite_rows, sprite_labels, sprite_videos = sprite_shapes(stack, scenes, grid)
+        train_sprites = sum(v < int(0.8 * len(videos)) for v in sprite_videos)  # whole videos held out, as above
+        result[name]["shape, mean of the sprite's patches"] = round(probe_accuracy(
+            sprite_rows, sprite_labels, len(SHAPES), train_sprites, args.steps), 3)
         result[name]["rms"] = round(float(features.pow(2).mean().sqrt()), 3)
     print(json.dumps(result, indent=1))
 
