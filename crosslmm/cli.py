@@ -431,9 +431,11 @@ def set_vision(
     import shutil
 
     from crosslmm.checkpoints.scratch import load_vision_weights
-    from crosslmm.infer import load
+    from crosslmm.model.modeling import CrossLMMForCausalLM
+    from crosslmm.data.processor import CrossLMMProcessor
 
-    crosslmm_model, processor = load(model)
+    crosslmm_model = CrossLMMForCausalLM.from_pretrained(model, local_files_only=True, dtype="auto")  # kept in its dtype
+    processor = CrossLMMProcessor.from_pretrained(model, config=crosslmm_model.config)
     try:
         load_vision_weights(crosslmm_model, encoder)
     except (ValueError, OSError) as err:

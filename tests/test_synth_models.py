@@ -165,6 +165,13 @@ def test_a_models_encoder_trains_on_and_set_vision_puts_it_back(tmp_path, data):
             assert torch.equal(tensor, start[name]), name
     assert (tmp_path / "swapped" / "vision_pretraining.json").exists()
 
+    model, processor = load(model_dir)  # a bf16 checkpoint, as the bundled model is stored, stays bf16
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    processor.save_pretrained(tmp_path / "bf16")
+    result = runner.invoke(app, ["set-vision", str(tmp_path / "bf16"), str(tmp_path / "anchored"), str(tmp_path / "swapped16")])
+    assert result.exit_code == 0, result.output
+    assert {t.dtype for t in load_file(tmp_path / "swapped16" / "model.safetensors").values()} == {torch.bfloat16}
+
     pretrain_vision(preset_config("tiny"), [scene_for(0, 0, size=56)], [scene_for(0, 1, size=56)], tmp_path / "v", steps=1)
     result = runner.invoke(app, ["set-vision", str(model_dir), str(tmp_path / "v"), str(tmp_path / "bad")])
     assert result.exit_code != 0 and "does not fit" in result.output
