@@ -156,13 +156,13 @@ def test_a_models_encoder_trains_on_and_set_vision_puts_it_back(tmp_path, data):
     result = runner.invoke(app, ["set-vision", str(model_dir), str(tmp_path / "anchored"), str(tmp_path / "swapped")])
     assert result.exit_code == 0, result.output
     swapped = load_file(tmp_path / "swapped" / "model.safetensors")
-    start = load_file(model_dir / "model.safetensors")
+    original = load_file(model_dir / "model.safetensors")
     encoder = load_vision(tmp_path / "anchored").state_dict()
     for name, tensor in swapped.items():
         if name.startswith("vision_tower.vit."):
             assert torch.equal(tensor, encoder[name.removeprefix("vision_tower.vit.")]), name
         else:
-            assert torch.equal(tensor, start[name]), name
+            assert torch.equal(tensor, original[name]), name
     assert (tmp_path / "swapped" / "vision_pretraining.json").exists()
 
     model, processor = load(model_dir)  # a bf16 checkpoint, as the bundled model is stored, stays bf16

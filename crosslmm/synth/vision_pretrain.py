@@ -142,8 +142,9 @@ def pretrain_vision(
 
     `init` (a vision-encoder checkpoint of `config`'s shape, or a model's tower)
     continues an encoder instead of starting from random weights: a longer pretraining
-    of the encoder a trained CrossLMM already reads. Its heads are first fitted on the frozen encoder's features,
-    so random heads do not shake the tower in the first steps; `anchor` > 0 adds
+    of the encoder a trained CrossLMM already reads. Its heads are first fitted on the
+    frozen encoder's features, so random heads do not shake the tower in the first
+    steps; `anchor` > 0 adds
     `anchor * |f - f0|^2 / |f0|^2` (f0: the starting encoder's features of the same
     frames), which keeps the features near what the downstream projector learned
     (docs/synthetic.md, "a better-trained encoder")."""
