@@ -27,7 +27,7 @@ import torch
 
 from crosslmm.data.video import load_video
 from crosslmm.infer import encode_clip, load
-from crosslmm.synth.vision_pretrain import TARGETS, object_map, patch_labels
+from crosslmm.synth.vision_pretrain import TARGETS, patch_labels, patch_owners
 from crosslmm.synth.evaluate import split_scenes
 from crosslmm.synth.world import SHAPES, video_id
 
@@ -55,22 +55,16 @@ def covered_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int,
 
 def sprite_shapes(features: list[torch.Tensor], scenes: list, grid: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Per visible sprite and frame: the mean of the features (F, N, D per video) of the
-    patches it covers most (what a read spread over the sprite could take), its shape
+    patches it covers most (`patch_owners`, the patches its labels are on), its shape
     label, and its video's position in `scenes` (to hold whole videos out)."""
     rows, labels, videos = [], [], []
     for v, ((_, scene), video) in enumerate(zip(scenes, features)):
-        side = scene.size // grid
         for t in range(video.shape[0]):
-            ids = object_map(scene, t) + 1  # 0: background
-            cover = np.stack([np.bincount(ids[r * side:(r + 1) * side, c * side:(c + 1) * side].ravel(),
-                                          minlength=len(scene.objects) + 1)[1:]
-                              for r in range(grid) for c in range(grid)])  # (N, objects) pixels covered
-            owner = torch.from_numpy(np.where(cover.max(1) > 0, cover.argmax(1), -1))
-            for o, obj in enumerate(scene.objects):
-                if (owner == o).any():
-                    rows.append(video[t, owner == o].float().mean(0))
-                    labels.append(SHAPES.index(obj.shape))
-                    videos.append(v)
+            owners = torch.from_numpy(patch_owners(scene, t, grid))
+            for o in owners[owners >= 0].unique().tolist():
+                rows.append(video[t, owners == o].float().mean(0))
+                labels.append(SHAPES.index(scene.objects[o].shape))
+                videos.append(v)
     return torch.stack(rows), torch.tensor(labels), videos
 
 

@@ -53,23 +53,34 @@ def object_map(scene: Scene, t: int) -> np.ndarray:
     return ids
 
 
-def patch_labels(scene: Scene, t: int, grid: int) -> np.ndarray:
-    """(grid * grid, 3) int labels (colour, shape, pattern; 0 = background) of frame t's
-    patches, row-major like the ViT's tokens: the sprite covering most of each patch."""
+def patch_owners(scene: Scene, t: int, grid: int) -> np.ndarray:
+    """(grid * grid,) int: index into `scene.objects` of the sprite covering most of each
+    of frame t's patches (row-major like the ViT's tokens), -1 where no sprite covers
+    `MIN_COVER` of it."""
     ids = object_map(scene, t)
     side = scene.size // grid
-    labels = np.zeros((grid * grid, len(TARGETS)), dtype=np.int64)
+    owners = np.full(grid * grid, -1, dtype=np.int64)
     for row in range(grid):
         for col in range(grid):
             patch = ids[row * side:(row + 1) * side, col * side:(col + 1) * side]
             counts = np.bincount(patch[patch >= 0], minlength=len(scene.objects))
             if counts.size and counts.max() >= MIN_COVER * side * side:
-                obj = scene.objects[int(counts.argmax())]
-                labels[row * grid + col] = (
-                    1 + TARGETS["color"].index(obj.color),
-                    1 + TARGETS["shape"].index(obj.shape),
-                    1 + TARGETS["pattern"].index(obj.pattern),
-                )
+                owners[row * grid + col] = int(counts.argmax())
+    return owners
+
+
+def patch_labels(scene: Scene, t: int, grid: int) -> np.ndarray:
+    """(grid * grid, 3) int labels (colour, shape, pattern; 0 = background) of frame t's
+    patches, row-major like the ViT's tokens: the sprite covering most of each patch."""
+    labels = np.zeros((grid * grid, len(TARGETS)), dtype=np.int64)
+    for patch, owner in enumerate(patch_owners(scene, t, grid)):
+        if owner >= 0:
+            obj = scene.objects[owner]
+            labels[patch] = (
+                1 + TARGETS["color"].index(obj.color),
+                1 + TARGETS["shape"].index(obj.shape),
+                1 + TARGETS["pattern"].index(obj.pattern),
+            )
     return labels
 
 
