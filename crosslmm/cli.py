@@ -468,6 +468,22 @@ def synth_ablations(
     typer.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'ablations.png'}")
 
 
+@app.command("synth-default", context_settings={"allow_extra_args": True})
+def synth_default(
+    ctx: typer.Context,
+    config: Path = typer.Argument(Path("configs/synth/default.yaml"), help="The default model's recipe YAML."),
+) -> None:
+    """Train the default model from scratch in one resumable run: worlds, vision encoder,
+    model, question stages, export. Extra `key=value` arguments override the YAML."""
+    from crosslmm.synth.default_recipe import load_default_recipe, run_default_recipe
+
+    try:
+        model = run_default_recipe(load_default_recipe(config, list(ctx.args)))
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo(f"trained {model}")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo"), help="Folder for demo.mp4 and demo.png."),

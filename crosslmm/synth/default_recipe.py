@@ -1,0 +1,244 @@
+"""`crosslmm synth-default`: the bundled default model trained from scratch in one run.
+
+One YAML file (`configs/synth/default.yaml`) says everything, and the run does, in order:
+
+1. writes each stage's world (`crosslmm synth`) unless its folder already holds it;
+2. pretrains the frozen vision encoder from random weights on the first world's
+   training scenes (per-patch colour, shape and pattern; `crosslmm.synth.vision_pretrain`);
+3. builds the model from scratch (`init_from_scratch`: a tokenizer trained on the first
+   world's text, every weight random except the encoder just trained);
+4. trains each stage with `crosslmm train`'s own code path on its world's question
+   records as the bundled model's lineage learned to write them (docs/synthetic.md):
+   the answer stated before half the multiple-choice questions (`state_mc_answers`),
+   per answer the originals it is about (`add_grounding`, for the T2V grounding loss),
+   and option-completion text records (`option_completion_records`);
+5. writes `timings.json` (wall seconds of every step: the budget the recipe is held to)
+   and, with `export.out`, the final model in `export.dtype` scored on a world's
+   held-out split (`export_model`, as the ablation runner bundles a variant).
+
+Every step is resumable: a finished step is skipped, an interrupted training stage
+resumes exactly from its last checkpoint. A changed YAML refuses to continue an output
+folder trained with another one (start a new `out_dir`).
+
+Why a recipe of its own, and not the ablation runner's: the runner shares one text
+base and one encoder among ten variants, a curriculum of tens of thousands of steps;
+this is the shortest path found to a model that answers (docs/synthetic.md, "from
+scratch in one run").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class WorldSpec:
+    """A world as `crosslmm synth DIR --n N --seed S --questions-per-video Q --mc-reply R` writes it."""
+
+    n: int = 13500
+    seed: int = 16
+    questions_per_video: int = 6
+    mc_reply: str = "option-letter"
+    frames: int = 8
+    size: int = 64
+    dir: str | None = None  # where it is (or is written); None: {out_dir}/world-s{seed}
+
+
+@dataclass
+class VisionSpec:
+    scenes: int = 3000  # the first world's first training scenes, whose frames it learns from
+    heldout: int = 100  # the next ones, which score its per-patch accuracy in pretraining.json
+    steps: int = 3000
+    batch_frames: int = 64
+    learning_rate: float = 2.0e-3
+
+
+@dataclass
+class StageSpec:
+    world: WorldSpec = field(default_factory=WorldSpec)
+    stated_fraction: float = 0.5  # multiple-choice questions with the answer stated first (the scaffold)
+    completion_records: int = 6600  # scenes of option-completion text records (about 45 % become records)
+    overrides: list[str] = field(default_factory=list)  # key=value for `crosslmm train` (e.g. epochs=4)
+
+
+@dataclass
+class ProbeSpec:
+    every: int = 500  # optimizer steps between held-out probes (probe.jsonl); 0: none
+    questions: int = 120  # the stage world's first held-out questions
+
+
+@dataclass
+class ExportSpec:
+    out: str | None = None  # e.g. crosslmm/assets/default_model; None: no export
+    dtype: str = "bfloat16"
+    data: str | None = None  # the world whose held-out split scores the export; None: the last stage's
+
+
+@dataclass
+class DefaultRecipeConfig:
+    out_dir: str = "runs/default"
+    preset: str = "small"
+    vocab_size: int = 512
+    seed: int = 0
+    threads: int = 2
+    model: dict[str, Any] = field(default_factory=dict)  # CrossLMMConfig options of the model built
+    vision: VisionSpec = field(default_factory=VisionSpec)
+    recipe: str = "llm.yaml"  # every stage's training recipe (relative to the YAML's folder)
+    stages: list[StageSpec] = field(default_factory=list)
+    probe: ProbeSpec = field(default_factory=ProbeSpec)
+    export: ExportSpec = field(default_factory=ExportSpec)
+
+
+def load_default_recipe(path: str | Path, overrides: list[str] | None = None) -> DefaultRecipeConfig:
+    """The YAML merged over the schema and `key=value` overrides; the recipe path is
+    resolved against the YAML's folder."""
+    path = Path(path)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(DefaultRecipeConfig), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(list(overrides or [])))
+        config: DefaultRecipeConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"bad recipe config {path}: {err}") from err
+    config.recipe = str((path.parent / config.recipe).resolve())
+    if not config.stages:
+        raise ValueError(f"{path} defines no stages")
+    return config
+
+
+def world_dir(config: DefaultRecipeConfig, spec: WorldSpec) -> Path:
+    return Path(spec.dir) if spec.dir else Path(config.out_dir) / f"world-s{spec.seed}"
+
+
+def prepare_world(folder: Path, spec: WorldSpec) -> Path:
+    """The world in `folder`, written unless the folder already holds one of `spec`
+    (a folder holding another world is refused, never overwritten)."""
+    from crosslmm.synth.world import write_dataset
+
+    wanted = {k: v for k, v in asdict(spec).items() if k != "dir"}
+    meta = folder / "meta.json"
+    if meta.exists():
+        params = json.loads(meta.read_text())["params"]
+        differs = {k: (params.get(k), v) for k, v in wanted.items() if params.get(k) != v}
+        if differs:
+            raise ValueError(f"{folder} holds another world (meta.json vs the recipe: {differs})")
+        if (folder / "train_multiturn.json").exists():
+            return folder
+    write_dataset(folder, n=spec.n, seed=spec.seed, frames=spec.frames, size=spec.size,
+                  questions_per_video=spec.questions_per_video, mc_reply=spec.mc_reply)
+    return folder
+
+
+def prepare_vision(config: DefaultRecipeConfig, world: Path, folder: Path) -> Path:
+    """The vision encoder, pretrained from random weights on `world`'s training scenes."""
+    from crosslmm.presets import preset_config
+    from crosslmm.synth.evaluate import split_scenes
+    from crosslmm.synth.vision_pretrain import pretrain_vision
+
+    spec = config.vision
+    if (folder / "pretraining.json").exists():
+        return folder
+    split = [scene for _, scene in split_scenes(world, "train", spec.scenes + spec.heldout)]
+    if len(split) < spec.scenes + spec.heldout:
+        raise ValueError(f"{world}'s training split has {len(split)} scenes, fewer than vision.scenes + vision.heldout")
+    report = pretrain_vision(preset_config(config.preset), split[: spec.scenes], split[spec.scenes:], folder,
+                             steps=spec.steps, batch_frames=spec.batch_frames, learning_rate=spec.learning_rate,
+                             seed=config.seed)
+    report["world"] = str(world)
+    (folder / "pretraining.json").write_text(json.dumps(report, indent=2))  # last: marks the step done
+    return folder
+
+
+def stage_records(world: Path, spec: StageSpec, out: Path) -> Path:
+    """The stage's training records (written whole or not at all); media paths stay
+    relative to the world."""
+    from crosslmm.synth.world import add_grounding, option_completion_records, state_mc_answers
+
+    target = out / "train.json"
+    if target.exists():
+        return target
+    w = spec.world
+    videos = json.loads((world / "train_multiturn.json").read_text())
+    records = add_grounding(state_mc_answers(videos, fraction=spec.stated_fraction), seed=w.seed,
+                            frames=w.frames, size=w.size)
+    if spec.completion_records:
+        records += option_completion_records(w.seed, spec.completion_records, w.frames, w.size)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    partial.write_text(json.dumps(records) + "\n")
+    partial.replace(target)
+    return target
+
+
+def _timed(timings: dict, name: str, path: Path, work):
+    """Run `work()` and add its wall seconds to `timings[name]` (summed over resumes)."""
+    started = time.perf_counter()
+    result = work()
+    timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - started, 1)
+    path.write_text(json.dumps(timings, indent=2))
+    return result
+
+
+def run_default_recipe(config: DefaultRecipeConfig) -> Path:
+    """Everything from worlds to the trained (and optionally exported) model; returns
+    the final model folder."""
+    import torch
+
+    from crosslmm.checkpoints.scratch import corpus_from_records, init_from_scratch
+    from crosslmm.synth.ablations import export_model
+    from crosslmm.train.config import load_train_config
+    from crosslmm.train.trainer import train
+
+    torch.set_num_threads(config.threads)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = asdict(config)
+    settings.pop("threads")  # how fast, not what: a resumed run may use another count
+    settings["export"] = None  # exporting again is allowed
+    settings["recipe_text"] = Path(config.recipe).read_text()
+    settings_file = out / "settings.json"
+    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
+        raise ValueError(f"{out} was trained with other settings ({settings_file}); use another out_dir")
+    settings_file.write_text(json.dumps(settings, indent=2))
+    timings_file = out / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+
+    worlds = [_timed(timings, f"world {i}", timings_file,
+                     lambda s=s: prepare_world(world_dir(config, s.world), s.world))
+              for i, s in enumerate(config.stages)]
+    vision = _timed(timings, "vision", timings_file, lambda: prepare_vision(config, worlds[0], out / "vision"))
+    model = out / "init"
+    if not (out / "stage0").exists():  # seeded, so rebuilt identical until training has started from it
+        corpus = corpus_from_records([worlds[0] / "train.json", worlds[0] / "train_captions.json"])
+        _timed(timings, "init", timings_file,
+               lambda: init_from_scratch(config.preset, model, corpus, vocab_size=config.vocab_size,
+                                         seed=config.seed, vision=vision, **config.model))
+    for i, (stage, world) in enumerate(zip(config.stages, worlds)):
+        stage_dir = out / f"stage{i}"
+        done = stage_dir / "train" / "model"
+        if (done / "model.safetensors").exists():
+            model = done
+            continue
+        records = stage_records(world, stage, stage_dir)
+        probe = [f"probe.every={config.probe.every}", "probe.kind=questions", f"probe.data={world / 'test.json'}",
+                 f"probe.limit={config.probe.questions}"] if config.probe.every else []
+        resume = ["resume=latest"] if (stage_dir / "train" / "checkpoints" / "latest").exists() else []
+        train_config = load_train_config(config.recipe, [
+            f"model={model}", f"output_dir={stage_dir / 'train'}", f"data.train={records}",
+            f"data.media_root={world}", f"feature_cache={stage_dir.parent / 'feature_cache' / world.name}",
+            f"seed={config.seed}", *probe, *stage.overrides, *resume,
+        ])
+        model = Path(_timed(timings, f"stage {i}", timings_file, lambda c=train_config: train(c)))
+    if config.export.out:
+        data = Path(config.export.data) if config.export.data else worlds[-1]
+        card = {"variant": "default-recipe", "options": config.model, "seed": config.seed,
+                "recipe": settings, "timings": timings}
+        _timed(timings, "export", timings_file,
+               lambda: export_model(model, Path(config.export.out), config.export.dtype, data, card))
+    return model
