@@ -14,7 +14,9 @@ from crosslmm.synth.default_recipe import load_default_recipe, run_default_recip
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = ["vision.scenes=16", "vision.heldout=4", "vision.steps=8", "probe.every=2", "probe.questions=6",
-       "stages=[{world: {n: 40, seed: 5, questions_per_video: 4}, completion_records: 30,"
+       "stages=[{kind: text_hop, world: {n: 40, seed: 5, questions_per_video: 4}, recipe: text.yaml, hop_scenes: 40,"
+       " hop_probe: 8, overrides: [model_overrides.use_v2v=true, model_overrides.use_t2v=true, max_steps=3]},"
+       " {world: {n: 40, seed: 5, questions_per_video: 4}, completion_records: 30,"
        " overrides: [max_steps=4, grounding_weight=0.3, log_every=2]}]"]
 
 
@@ -26,7 +28,7 @@ def test_default_recipe_builds_trains_exports_and_resumes(tmp_path):
     model = run_default_recipe(config)
 
     timings = json.loads((out / "timings.json").read_text())
-    assert list(timings) == ["world 0", "vision", "init", "stage 0", "export"]
+    assert list(timings) == ["world 0", "world 1", "vision", "init", "stage 0", "stage 1", "export"]
     # The trained model reads its videos through the encoder pretrained in this run,
     # with the YAML's architecture.
     vision = load_file(out / "vision" / "model.safetensors")
@@ -35,10 +37,16 @@ def test_default_recipe_builds_trains_exports_and_resumes(tmp_path):
     assert tower and all(torch.equal(v, vision[k]) for k, v in tower.items())
     written = json.loads((model / "config.json").read_text())
     assert {k: written[k] for k in config.model} == config.model
-    # The stage trained on the scaffolded, grounded records and probed while it trained.
-    records = json.loads((out / "stage0" / "train.json").read_text())
+    # The text stage trained on stated hops (its probe on held-out ones), the video stage
+    # on the scaffolded, grounded records, each probed while it trained.
+    hops = json.loads((out / "stage0" / "train.json").read_text())
+    assert hops and all("video" not in r and r["conversations"][0]["value"].startswith("The answer is ") for r in hops)
+    assert json.loads((out / "stage0" / "train" / "probe.jsonl").read_text().splitlines()[0])["kind"] == "text"
+    records = json.loads((out / "stage1" / "train.json").read_text())
     assert any("grounding" in r for r in records) and any("video" not in r for r in records)
-    assert (out / "stage0" / "train" / "probe.jsonl").read_text().count("\n") >= 2
+    assert (out / "stage1" / "train" / "probe.jsonl").read_text().count("\n") >= 2
+    # The text stage kept the DCAL blocks (the text recipe's own default has none).
+    assert json.loads((out / "stage0" / "train" / "model" / "config.json").read_text())["use_t2v"] is True
     card = json.loads((tmp_path / "bundled" / "training.json").read_text())
     assert card["dtype"] == "bfloat16" and "form/mc" in card["held_out_accuracy"] and card["timings"]["stage 0"] > 0
 

@@ -11,7 +11,8 @@ One YAML file (`configs/synth/default.yaml`) says everything, and the run does, 
    records as the bundled model's lineage learned to write them (docs/synthetic.md):
    the answer stated before half the multiple-choice questions (`state_mc_answers`),
    per answer the originals it is about (`add_grounding`, for the T2V grounding loss),
-   and option-completion text records (`option_completion_records`);
+   and option-completion text records (`option_completion_records`), after an optional
+   text-only stage on the stated option-letter hop (`letter_hop_records`);
 5. writes `timings.json` (wall seconds of every step: the budget the recipe is held to)
    and, with `export.out`, the final model in `export.dtype` scored on a world's
    held-out split (`export_model`, as the ablation runner bundles a variant).
@@ -62,9 +63,20 @@ class VisionSpec:
 
 @dataclass
 class StageSpec:
+    """One training stage. `questions`: the world's video questions (scaffold, grounding,
+    option completion). `text_hop`: the stated option-letter hop as text only
+    (`letter_hop_records`, in the world's reply style; the world gives only its seed),
+    which a from-scratch language model crosses after a plateau: cheaper in text than
+    inside video records (docs/synthetic.md, "from scratch in one run")."""
+
+    kind: str = "questions"  # questions | text_hop
     world: WorldSpec = field(default_factory=WorldSpec)
+    recipe: str | None = None  # this stage's recipe (relative to the YAML's folder); None: the top-level one
     stated_fraction: float = 0.5  # multiple-choice questions with the answer stated first (the scaffold)
     completion_records: int = 6600  # scenes of option-completion text records (about 45 % become records)
+    hop_scenes: int = 0  # text_hop: training scenes (one record each)
+    hop_probe: int = 150  # text_hop: held-out scenes after them, probed while it trains
+    stop_above: float | None = None  # end the stage once its probe reaches this
     overrides: list[str] = field(default_factory=list)  # key=value for `crosslmm train` (e.g. epochs=4)
 
 
@@ -109,6 +121,12 @@ def load_default_recipe(path: str | Path, overrides: list[str] | None = None) ->
     config.recipe = str((path.parent / config.recipe).resolve())
     if not config.stages:
         raise ValueError(f"{path} defines no stages")
+    for stage in config.stages:
+        if stage.kind not in ("questions", "text_hop"):
+            raise ValueError(f"stage kind {stage.kind!r}: choose questions or text_hop")
+        if stage.kind == "text_hop" and not stage.hop_scenes:
+            raise ValueError("a text_hop stage needs hop_scenes")
+        stage.recipe = str((path.parent / stage.recipe).resolve()) if stage.recipe else config.recipe
     return config
 
 
@@ -158,18 +176,29 @@ def prepare_vision(config: DefaultRecipeConfig, world: Path, folder: Path) -> Pa
 def stage_records(world: Path, spec: StageSpec, out: Path) -> Path:
     """The stage's training records (written whole or not at all); media paths stay
     relative to the world."""
-    from crosslmm.synth.world import add_grounding, option_completion_records, state_mc_answers
+    from crosslmm.synth.world import add_grounding, letter_hop_records, option_completion_records, state_mc_answers
 
     target = out / "train.json"
     if target.exists():
         return target
     w = spec.world
-    videos = json.loads((world / "train_multiturn.json").read_text())
-    records = add_grounding(state_mc_answers(videos, fraction=spec.stated_fraction), seed=w.seed,
-                            frames=w.frames, size=w.size)
-    if spec.completion_records:
-        records += option_completion_records(w.seed, spec.completion_records, w.frames, w.size)
-    out.mkdir(parents=True, exist_ok=True)
+    if spec.kind == "text_hop":
+        records = letter_hop_records(w.seed, spec.hop_scenes, w.frames, w.size, mc_reply=w.mc_reply)
+        heldout = letter_hop_records(w.seed, spec.hop_probe, w.frames, w.size, first=spec.hop_scenes,
+                                     mc_reply=w.mc_reply)
+        _write(out / "heldout.json", heldout)
+    else:
+        videos = json.loads((world / "train_multiturn.json").read_text())
+        records = add_grounding(state_mc_answers(videos, fraction=spec.stated_fraction), seed=w.seed,
+                                frames=w.frames, size=w.size)
+        if spec.completion_records:
+            records += option_completion_records(w.seed, spec.completion_records, w.frames, w.size)
+    return _write(target, records)
+
+
+def _write(target: Path, records: list[dict]) -> Path:
+    """Written whole or not at all: a cut-off file is never read."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
     partial.write_text(json.dumps(records) + "\n")
     partial.replace(target)
@@ -201,7 +230,7 @@ def run_default_recipe(config: DefaultRecipeConfig) -> Path:
     settings = asdict(config)
     settings.pop("threads")  # how fast, not what: a resumed run may use another count
     settings["export"] = None  # exporting again is allowed
-    settings["recipe_text"] = Path(config.recipe).read_text()
+    settings["recipe_texts"] = [Path(stage.recipe).read_text() for stage in config.stages]
     settings_file = out / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
         raise ValueError(f"{out} was trained with other settings ({settings_file}); use another out_dir")
@@ -226,12 +255,19 @@ def run_default_recipe(config: DefaultRecipeConfig) -> Path:
             model = done
             continue
         records = stage_records(world, stage, stage_dir)
-        probe = [f"probe.every={config.probe.every}", "probe.kind=questions", f"probe.data={world / 'test.json'}",
-                 f"probe.limit={config.probe.questions}"] if config.probe.every else []
+        if stage.kind == "text_hop":
+            probe = [f"probe.every={config.probe.every}", "probe.kind=text", f"probe.data={stage_dir / 'heldout.json'}",
+                     f"probe.limit={stage.hop_probe}"]
+        else:
+            probe = [f"probe.every={config.probe.every}", "probe.kind=questions", f"probe.data={world / 'test.json'}",
+                     f"probe.limit={config.probe.questions}"]
+        probe = probe + [f"probe.stop_above={stage.stop_above}"] * (stage.stop_above is not None)
+        probe = probe if config.probe.every else []
         resume = ["resume=latest"] if (stage_dir / "train" / "checkpoints" / "latest").exists() else []
-        train_config = load_train_config(config.recipe, [
+        train_config = load_train_config(stage.recipe, [
             f"model={model}", f"output_dir={stage_dir / 'train'}", f"data.train={records}",
-            f"data.media_root={world}", f"feature_cache={stage_dir.parent / 'feature_cache' / world.name}",
+            *([] if stage.kind == "text_hop" else  # no media
+              [f"data.media_root={world}", f"feature_cache={stage_dir.parent / 'feature_cache' / world.name}"]),
             f"seed={config.seed}", *probe, *stage.overrides, *resume,
         ])
         model = Path(_timed(timings, f"stage {i}", timings_file, lambda c=train_config: train(c)))
