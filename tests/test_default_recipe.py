@@ -53,7 +53,11 @@ def test_default_recipe_builds_trains_exports_and_resumes(tmp_path):
     # Run again: every step is found done, nothing is trained twice.
     before = (model / "model.safetensors").stat().st_mtime_ns
     assert run_default_recipe(config) == model and (model / "model.safetensors").stat().st_mtime_ns == before
-    # Another recipe in the same folder is refused, not mixed in.
+    # A text_hop stage's length (constant rate) is not part of the settings; another
+    # recipe in the same folder is refused, not mixed in.
+    longer = load_default_recipe(REPO / "configs/synth/default.yaml",
+                                 [f"out_dir={out}", *[t.replace("max_steps=3]", "max_steps=9]") for t in TOY]])
+    assert run_default_recipe(longer) == model
     other = load_default_recipe(REPO / "configs/synth/default.yaml", [f"out_dir={out}", *TOY, "seed=1"])
     with pytest.raises(ValueError, match="other settings"):
         run_default_recipe(other)

@@ -229,6 +229,10 @@ def run_default_recipe(config: DefaultRecipeConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     settings = asdict(config)
     settings.pop("threads")  # how fast, not what: a resumed run may use another count
+    for stage in settings["stages"]:
+        if stage["kind"] == "text_hop":  # a constant rate: its length may be raised and the stage trains on
+            stage["overrides"] = [o for o in stage["overrides"] if not o.startswith("max_steps=")]
+            stage["stop_above"] = None
     settings["export"] = None  # exporting again is allowed
     settings["recipe_texts"] = [Path(stage.recipe).read_text() for stage in config.stages]
     settings_file = out / "settings.json"
