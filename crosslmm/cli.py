@@ -478,7 +478,8 @@ def synth_default(
     from crosslmm.synth.default_recipe import load_default_recipe, run_default_recipe
 
     try:
-        model = run_default_recipe(load_default_recipe(config, list(ctx.args)))
+        command = " ".join(["crosslmm synth-default", str(config), *ctx.args])
+        model = run_default_recipe(load_default_recipe(config, list(ctx.args)), command=command)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
     typer.echo(f"trained {model}")

@@ -19,7 +19,10 @@ One YAML file (`configs/synth/default.yaml`) says everything, and the run does, 
 
 Every step is resumable: a finished step is skipped, an interrupted training stage
 resumes exactly from its last checkpoint. A changed YAML refuses to continue an output
-folder trained with another one (start a new `out_dir`).
+folder trained with another one (start a new `out_dir`), except for the length of a
+text-hop stage (a constant rate: raised before the stage ends, it trains on).
+`timings.json` adds up the steps that finished; the part of a stage cut off by an
+interruption is trained again from its last checkpoint and is not in it.
 
 Why a recipe of its own, and not the ablation runner's: the runner shares one text
 base and one encoder among ten variants, a curriculum of tens of thousands of steps;
@@ -214,9 +217,10 @@ def _timed(timings: dict, name: str, path: Path, work):
     return result
 
 
-def run_default_recipe(config: DefaultRecipeConfig) -> Path:
+def run_default_recipe(config: DefaultRecipeConfig, command: str | None = None) -> Path:
     """Everything from worlds to the trained (and optionally exported) model; returns
-    the final model folder."""
+    the final model folder. `command` (the command line that ran it) goes into the
+    exported model's card."""
     import torch
 
     from crosslmm.checkpoints.scratch import corpus_from_records, init_from_scratch
@@ -278,7 +282,7 @@ def run_default_recipe(config: DefaultRecipeConfig) -> Path:
     if config.export.out:
         data = Path(config.export.data) if config.export.data else worlds[-1]
         card = {"variant": "default-recipe", "options": config.model, "seed": config.seed,
-                "recipe": settings, "timings": timings}
+                "training": [command] if command else [], "recipe": settings, "timings": timings}
         _timed(timings, "export", timings_file,
                lambda: export_model(model, Path(config.export.out), config.export.dtype, data, card))
     return model
