@@ -71,3 +71,13 @@ def test_a_world_folder_holding_another_world_is_refused(tmp_path):
     with pytest.raises(ValueError, match="another world"):
         prepare_world(tmp_path, WorldSpec(n=6, seed=2, questions_per_video=2, mc_reply="letter"))
     assert prepare_world(tmp_path, WorldSpec(n=6, seed=1, questions_per_video=2, mc_reply="letter")) == tmp_path
+
+
+def test_a_bad_recipe_config_is_refused_with_its_reason():
+    yaml = REPO / "configs/synth/default.yaml"
+    with pytest.raises(ValueError, match="bad recipe config"):
+        load_default_recipe(yaml, ["vision.steps=many"])
+    with pytest.raises(ValueError, match="stage kind 'video'"):
+        load_default_recipe(yaml, ["stages=[{kind: video}]"])
+    with pytest.raises(ValueError, match="needs hop_scenes"):
+        load_default_recipe(yaml, ["stages=[{kind: text_hop}]"])

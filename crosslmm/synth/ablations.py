@@ -151,16 +151,22 @@ class AblationConfig:
     default_model: DefaultModelSpec = field(default_factory=DefaultModelSpec)
 
 
+def load_yaml_config(schema: type, path: Path, overrides: list[str] | None, what: str) -> Any:
+    """`schema` (a dataclass) filled from the YAML at `path`, then `key=value` overrides;
+    a value that does not fit the schema is a ValueError naming the file."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(list(overrides or [])))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"bad {what} config {path}: {err}") from err
+
+
 def load_ablation_config(path: str | Path, overrides: list[str] | None = None) -> AblationConfig:
     """The ablation YAML merged over the schema and `key=value` overrides; relative
     paths in it are resolved against the YAML's folder."""
     path = Path(path)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(AblationConfig), OmegaConf.load(path),
-                                 OmegaConf.from_dotlist(list(overrides or [])))
-        config: AblationConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ValueError(f"bad ablation config {path}: {err}") from err
+    config: AblationConfig = load_yaml_config(AblationConfig, path, overrides, "ablation")
     config.recipe = str((path.parent / config.recipe).resolve())
     config.text_base.recipe = str((path.parent / config.text_base.recipe).resolve())
     if config.caption_recipe:

@@ -38,9 +38,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 
 @dataclass
 class WorldSpec:
@@ -114,13 +111,10 @@ class DefaultRecipeConfig:
 def load_default_recipe(path: str | Path, overrides: list[str] | None = None) -> DefaultRecipeConfig:
     """The YAML merged over the schema and `key=value` overrides; the recipe path is
     resolved against the YAML's folder."""
+    from crosslmm.synth.ablations import load_yaml_config
+
     path = Path(path)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(DefaultRecipeConfig), OmegaConf.load(path),
-                                 OmegaConf.from_dotlist(list(overrides or [])))
-        config: DefaultRecipeConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ValueError(f"bad recipe config {path}: {err}") from err
+    config: DefaultRecipeConfig = load_yaml_config(DefaultRecipeConfig, path, overrides, "recipe")
     config.recipe = str((path.parent / config.recipe).resolve())
     if not config.stages:
         raise ValueError(f"{path} defines no stages")
