@@ -473,8 +473,8 @@ def synth_default(
     ctx: typer.Context,
     config: Path = typer.Argument(Path("configs/synth/default.yaml"), help="The default model's recipe YAML."),
 ) -> None:
-    """Train the default model from scratch in one resumable run: worlds, vision encoder,
-    model, question stages, export. Extra `key=value` arguments override the YAML."""
+    """Train a default model from scratch in one resumable run (issue 12's 2-hour
+    recipe): worlds, vision encoder, model, stages, export. Extra `key=value` arguments override the YAML."""
     from crosslmm.synth.default_recipe import load_default_recipe, run_default_recipe
 
     try:

@@ -1,4 +1,4 @@
-"""`crosslmm synth-default`: the bundled default model trained from scratch in one run.
+"""`crosslmm synth-default`: a default model trained from scratch in one run.
 
 One YAML file (`configs/synth/default.yaml`) says everything, and the run does, in order:
 
