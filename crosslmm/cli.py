@@ -400,15 +400,13 @@ def synth_vision(
     import json
 
     from crosslmm.infer import load
-    from crosslmm.synth.evaluate import split_scenes
+    from crosslmm.synth.evaluate import training_scenes
     from crosslmm.synth.vision_pretrain import pretrain_vision
 
     crosslmm_model, _ = load(model)
     try:
-        split = [scene for _, scene in split_scenes(world, "train", scenes + heldout)]
-        if len(split) < scenes + heldout:
-            raise ValueError(f"{world}'s training split has {len(split)} scenes, fewer than --scenes + --heldout")
-        report = pretrain_vision(crosslmm_model.config, split[:scenes], split[scenes:], out, steps=steps,
+        train_scenes, held_scenes = training_scenes(world, scenes, heldout)
+        report = pretrain_vision(crosslmm_model.config, train_scenes, held_scenes, out, steps=steps,
                                  batch_frames=batch_frames, learning_rate=learning_rate, seed=seed,
                                  init=crosslmm_model.vision_tower, anchor=anchor)
     except (ValueError, FileNotFoundError) as err:

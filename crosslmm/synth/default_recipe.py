@@ -153,16 +153,14 @@ def prepare_world(folder: Path, spec: WorldSpec) -> Path:
 def prepare_vision(config: DefaultRecipeConfig, world: Path, folder: Path) -> Path:
     """The vision encoder, pretrained from random weights on `world`'s training scenes."""
     from crosslmm.presets import preset_config
-    from crosslmm.synth.evaluate import split_scenes
+    from crosslmm.synth.evaluate import training_scenes
     from crosslmm.synth.vision_pretrain import pretrain_vision
 
     spec = config.vision
     if (folder / "pretraining.json").exists():
         return folder
-    split = [scene for _, scene in split_scenes(world, "train", spec.scenes + spec.heldout)]
-    if len(split) < spec.scenes + spec.heldout:
-        raise ValueError(f"{world}'s training split has {len(split)} scenes, fewer than vision.scenes + vision.heldout")
-    report = pretrain_vision(preset_config(config.preset), split[: spec.scenes], split[spec.scenes:], folder,
+    train_scenes, held_scenes = training_scenes(world, spec.scenes, spec.heldout)
+    report = pretrain_vision(preset_config(config.preset), train_scenes, held_scenes, folder,
                              steps=spec.steps, batch_frames=spec.batch_frames, learning_rate=spec.learning_rate,
                              seed=config.seed)
     report["world"] = str(world)

@@ -228,3 +228,12 @@ def split_scenes(data_dir: str | Path, split: str = "test", limit: int = 0) -> l
     indices = splits[split]
     indices = indices[:limit] if limit else indices
     return [(i, scene_for(params["seed"], i, params["frames"], params["size"])) for i in indices]
+
+
+def training_scenes(data_dir: str | Path, count: int, heldout: int) -> tuple[list[Scene], list[Scene]]:
+    """The first `count` scenes of a world's training split and the `heldout` after them:
+    what the vision encoder's pretraining learns from and is scored on."""
+    split = [scene for _, scene in split_scenes(data_dir, "train", count + heldout)]
+    if len(split) < count + heldout:
+        raise ValueError(f"{data_dir}'s training split has {len(split)} scenes, fewer than {count} + {heldout} held out")
+    return split[:count], split[count:]
