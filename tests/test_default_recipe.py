@@ -17,7 +17,7 @@ TOY = ["vision.scenes=16", "vision.heldout=4", "vision.steps=8", "probe.every=2"
        "stages=[{kind: text_hop, world: {n: 40, seed: 5, questions_per_video: 4}, recipe: text.yaml, hop_scenes: 40,"
        " hop_probe: 8, overrides: [model_overrides.use_v2v=true, model_overrides.use_t2v=true, max_steps=3]},"
        " {world: {n: 40, seed: 5, questions_per_video: 4}, completion_records: 30,"
-       " overrides: [max_steps=4, grounding_weight=0.3, log_every=2]}]"]
+       " overrides: [max_steps=4, grounding_weight=0.3, grounding_options=true, log_every=2]}]"]
 
 
 @pytest.mark.slow

@@ -45,6 +45,28 @@ def test_grounded_queries_are_the_text_tokens_before_each_answer():
     assert grounded_queries(grouped, MEDIA) == [(0, 1, [[3], [4, 5]])]
 
 
+def test_grounding_options_adds_each_option_lines_last_token():
+    # two turns: a short question, then a multiple-choice one; texts index token ids
+    texts = ["<pad>", "<m>", "Q", "?", "\n", "A", ".", " left", "B", " does", " not", " move", "Answer", " x", " (", ")"]
+    tid = {t: i for i, t in enumerate(texts)}
+    prompt1 = ["<m>", "Q", "?", "\n", "Answer"]
+    answer1 = [" x"]
+    prompt2 = ["\n", "Q", "?", "\n", "A", ".", " left", "\n", "B", ".", " does", " not", " move", "\n", "Answer"]
+    answer2 = [" left", " (", "A", ")"]
+    tokens = prompt1 + answer1 + prompt2 + answer2
+    ids = torch.tensor([[tid[t] for t in tokens]])
+    labels = torch.tensor([[tid[t] if i in range(5, 6) or i >= 21 else -100 for i, t in enumerate(tokens)]])
+    media = tid["<m>"]
+    batch = {"input_ids": ids, "labels": labels, "grounding": [[[7], [[1], [2]]]]}
+    plain = grounded_queries(batch, media)
+    assert plain == [(0, 3, [[7]]), (0, 19, [[1], [2]])]  # text ranks: one placeholder before
+    with_options = grounded_queries(batch, media, texts)
+    # the first prompt has no option line; the second's end at " left" (12) and " move" (18)
+    assert with_options == [(0, 3, [[7]]), (0, 19, [[1], [2]]), (0, 11, [[1], [2]]), (0, 17, [[1], [2]])]
+    # an ungrounded multiple-choice answer grounds none of its options
+    assert grounded_queries({**batch, "grounding": [[[7], None]]}, media, texts) == [(0, 3, [[7]])]
+
+
 def _toy_batch(generator: torch.Generator, model, pattern: torch.Tensor):
     """A pattern at one random original of a 2-frame video (frames re-centred to a zero
     pooled token); the answer token says which of 8 contents it had. Returns ids,

@@ -94,6 +94,9 @@ class TrainConfig:
     # Weight of the T2V grounding loss on records with a `grounding` field (crosslmm.train.grounding);
     # 0: off, the paper's recipe (answer tokens only).
     grounding_weight: float = 0.0
+    # Also ground each option line's last token of a grounded multiple-choice question, toward its
+    # answer's targets: teaches options to look before the reply marks one (crosslmm.train.grounding).
+    grounding_options: bool = False
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     export_dtype: str = "bfloat16"  # the final model's weights: bfloat16 (inference) | float32 (a next stage's start)
 
@@ -132,6 +135,8 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         raise ValueError(f"export_dtype must be bfloat16 or float32, got {config.export_dtype!r}")
     if config.grounding_weight < 0:
         raise ValueError(f"grounding_weight must be at least 0, got {config.grounding_weight}")
+    if config.grounding_options and config.grounding_weight == 0:
+        raise ValueError("grounding_options needs grounding_weight above 0")
     if config.grounding_weight > 0 and (config.gradient_checkpointing or config.distributed.strategy == "fsdp"):
         # The loss recomputes T2V's softmax in a hook inside each decoder layer's forward: a
         # checkpointed layer re-runs its forward without the hook, and FSDP frees the layer's

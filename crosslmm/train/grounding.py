@@ -22,10 +22,20 @@ consecutive groups, group g is supervised toward list g, and each group's -log m
 one term of the mean. Why: an answer about change ("which direction does it move") needs
 two looks, at its first and its last frame; one target over every frame teaches heads to
 read the average position, which says nothing about direction (docs/synthetic.md).
+
+With `grounding_options` the last token of every option line ("B. red") of a grounded
+multiple-choice question gets the same targets as its answer. Why: a from-scratch model
+answers multiple choice by marking each option as true or false from what the option's
+own tokens see, then writing the marked line's letter; the copy from the reply's own
+words to their letter never formed (docs/synthetic.md, "the copy without the answer
+stated"). The answer's query is after the options, so its grounding teaches no option
+to look; this does, for each option of every grounded question.
 """
 
 from __future__ import annotations
 
+import bisect
+import re
 from collections.abc import Sequence
 
 import torch
@@ -36,13 +46,27 @@ from crosslmm.model.t2v_probe import T2VAttentionRecorder, T2VRows
 
 GroundedQuery = tuple[int, int, list[list[int]]]  # (sample, rank among its text tokens, target originals per head group)
 
+_OPTION_LINE = re.compile(r"(?m)^[A-Z]\. \S[^\n]*$")  # "B. red striped circle", as the benchmarks list options
 
-def grounded_queries(batch: dict, media_token_id: int) -> list[GroundedQuery]:
+
+def option_line_ends(token_texts: Sequence[str]) -> list[int]:
+    """Indices into `token_texts` (the text of each token of a prompt span, in order) of
+    the token that ends each option line ("B. red"): the token holding its last character."""
+    ends, total = [], 0
+    for text in token_texts:
+        total += len(text)
+        ends.append(total)  # ends[i]: characters up to and including token i
+    return [bisect.bisect_right(ends, match.end() - 1) for match in _OPTION_LINE.finditer("".join(token_texts))]
+
+
+def grounded_queries(batch: dict, media_token_id: int, token_texts: Sequence[str] | None = None) -> list[GroundedQuery]:
     """The T2V queries of a right-padded batch that have a grounding target: for the k-th
     answer (the k-th run of labelled tokens) of a sample whose k-th `grounding` entry is
     not null, the text token just before the answer, given as its rank among the sample's
     text tokens: the order T2V's queries take (model/splice.py, `_t2v_groups`). Targets
-    come as head groups: a plain list is one group."""
+    come as head groups: a plain list is one group. With `token_texts` (each token id's
+    text), also the last token of each option line between the previous answer and this
+    one, with the same targets (`grounding_options`)."""
     groundings = batch.get("grounding") or []
     labels, input_ids = batch["labels"], batch["input_ids"]
     queries = []
@@ -50,14 +74,21 @@ def grounded_queries(batch: dict, media_token_id: int) -> list[GroundedQuery]:
         if not grounding:
             continue
         answered = labels[b] != IGNORE_INDEX  # (L,)
-        starts = (answered & ~torch.cat([answered.new_zeros(1), answered[:-1]])).nonzero().flatten().tolist()
+        before = torch.cat([answered.new_zeros(1), answered[:-1]])
+        starts = (answered & ~before).nonzero().flatten().tolist()
+        ends = (~answered & before).nonzero().flatten().tolist()  # first position after each answer
         media_before = torch.cumsum(input_ids[b] == media_token_id, dim=0)  # (L,) placeholders up to each position
-        for start, targets in zip(starts, grounding):
+        for k, (start, targets) in enumerate(zip(starts, grounding)):
             if not targets or start == 0:
                 continue
-            query = start - 1
             groups = targets if isinstance(targets[0], list) else [targets]
-            queries.append((b, query - int(media_before[query]), [[int(t) for t in group] for group in groups]))
+            groups = [[int(t) for t in group] for group in groups]
+            positions = [start - 1]
+            if token_texts is not None:
+                prompt_start = ends[k - 1] if k > 0 else 0
+                span = input_ids[b, prompt_start:start].tolist()
+                positions += [prompt_start + i for i in option_line_ends([token_texts[t] for t in span])]
+            queries += [(b, p - int(media_before[p]), groups) for p in positions if input_ids[b, p] != media_token_id]
     return queries
 
 

@@ -23,6 +23,7 @@ equal to single-process ones.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -174,6 +175,12 @@ class Run:
     global_batch: int
     total_steps: int
     recipe: str  # the resolved YAML, written beside every checkpoint
+
+    @functools.cached_property
+    def token_texts(self) -> list[str]:
+        """Each token id's text: where the grounding loss finds option lines (`grounding_options`)."""
+        tokenizer = self.processor.tokenizer
+        return [tokenizer.decode([i]) for i in range(len(tokenizer))]
 
     @property
     def world(self) -> int:
@@ -388,7 +395,8 @@ def train_step(run: Run, loaded: list[tuple[dict | None, int, list[str]]], meter
     loss_sum = torch.zeros((), device=accelerator.device)
     grounding = None
     if run.config.grounding_weight > 0:  # summed over micro-batches: a mean over them, like the token loss
-        grounding = (run.config.grounding_weight / len(micro), run.parallel.unwrap().config.media_token_id)
+        grounding = (run.config.grounding_weight / len(micro), run.parallel.unwrap().config.media_token_id,
+                     run.token_texts if run.config.grounding_options else None)
     for j, batch in enumerate(micro):
         with run.parallel.sync_context(last_micro_batch=j == len(micro) - 1):
             token_loss, grounding_loss = forward_backward(
@@ -491,15 +499,17 @@ def check_skipped(requested: int, skipped: int, reasons: list[str], max_fraction
 
 def forward_backward(model, batch: dict | None, global_tokens: int, world: int, accelerator: Accelerator,
                      pad_token_id: int, normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     grounding: tuple[float, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     grounding: tuple[float, int, list[str] | None] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One micro-batch; returns its summed token loss and its grounding loss (detached;
     None without grounded answers). The token loss is divided by the global answer-token
     count times 1/world, since DDP and FSDP both average gradients over ranks. A rank
     whose micro-batch is empty (every record skipped) runs a real forward and backward on
     a one-token batch without labels (loss exactly 0), so the gradient reduction happens
     on every rank and nothing hangs or is trained on. uint8 frames are normalised here, on
-    the device, by `normalize`. `grounding`: (weight, media token id) adds weight x the
-    T2V grounding loss of the batch's grounded answers (crosslmm.train.grounding)."""
+    the device, by `normalize`. `grounding`: (weight, media token id, each token's text or
+    None) adds weight x the T2V grounding loss of the batch's grounded answers, and with
+    the texts of their options' lines too (crosslmm.train.grounding)."""
     device = accelerator.device
     empty = batch is None
     if empty:
@@ -510,7 +520,7 @@ def forward_backward(model, batch: dict | None, global_tokens: int, world: int, 
     if inputs.get("pixel_values") is not None and inputs["pixel_values"].dtype == torch.uint8:
         inputs["pixel_values"] = normalize(inputs["pixel_values"])
     num_items = max(global_tokens, 1) / world
-    queries = grounded_queries(batch, grounding[1]) if grounding is not None and not empty else []
+    queries = grounded_queries(batch, grounding[1], grounding[2]) if grounding is not None and not empty else []
     attention_mass = T2VAttentionMass(model, queries) if queries else None
     with attention_mass or contextlib.nullcontext():
         out = model(**inputs, num_items_in_batch=torch.tensor(num_items, device=device), logits_to_keep="labels")
