@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 TOY = ["vision.scenes=16", "vision.heldout=4", "vision.steps=8", "probe.every=2", "probe.questions=6",
        "stages=[{kind: text_hop, world: {n: 40, seed: 5, questions_per_video: 4}, recipe: text.yaml, hop_scenes: 40,"
        " hop_probe: 8, overrides: [model_overrides.use_v2v=true, model_overrides.use_t2v=true, max_steps=3]},"
+       " {kind: text_hop, world: {n: 40, seed: 5, questions_per_video: 4}, recipe: text.yaml, hop_scenes: 40,"
+       " hop_probe: 8, stated: false, overrides: [model_overrides.use_v2v=true, model_overrides.use_t2v=true, max_steps=2]},"
        " {world: {n: 40, seed: 5, questions_per_video: 4}, completion_records: 30,"
        " overrides: [max_steps=4, grounding_weight=0.3, grounding_options=true, log_every=2]}]"]
 
@@ -28,7 +30,8 @@ def test_default_recipe_builds_trains_exports_and_resumes(tmp_path):
     model = run_default_recipe(config)
 
     timings = json.loads((out / "timings.json").read_text())
-    assert list(timings) == ["world 0", "world 1", "vision", "init", "stage 0", "stage 1", "export"]
+    assert list(timings) == ["world 0", "world 1", "world 2", "vision", "init", "stage 0", "stage 1", "stage 2",
+                             "export"]
     # The trained model reads its videos through the encoder pretrained in this run,
     # with the YAML's architecture.
     vision = load_file(out / "vision" / "model.safetensors")
@@ -42,9 +45,14 @@ def test_default_recipe_builds_trains_exports_and_resumes(tmp_path):
     hops = json.loads((out / "stage0" / "train.json").read_text())
     assert hops and all("video" not in r and r["conversations"][0]["value"].startswith("The answer is ") for r in hops)
     assert json.loads((out / "stage0" / "train" / "probe.jsonl").read_text().splitlines()[0])["kind"] == "text"
-    records = json.loads((out / "stage1" / "train.json").read_text())
+    # The copy stage: no answer stated, the reply's option text given, no probe.
+    copies = json.loads((out / "stage1" / "train.json").read_text())
+    assert copies and all(not r["conversations"][0]["value"].startswith("The answer is ") for r in copies)
+    assert all(r["conversations"][1]["given"] for r in copies)
+    assert not (out / "stage1" / "train" / "probe.jsonl").exists() and (out / "stage1" / "heldout.json").exists()
+    records = json.loads((out / "stage2" / "train.json").read_text())
     assert any("grounding" in r for r in records) and any("video" not in r for r in records)
-    assert (out / "stage1" / "train" / "probe.jsonl").read_text().count("\n") >= 2
+    assert (out / "stage2" / "train" / "probe.jsonl").read_text().count("\n") >= 2
     # The text stage kept the DCAL blocks (the text recipe's own default has none).
     assert json.loads((out / "stage0" / "train" / "model" / "config.json").read_text())["use_t2v"] is True
     card = json.loads((tmp_path / "bundled" / "training.json").read_text())
@@ -81,3 +89,5 @@ def test_a_bad_recipe_config_is_refused_with_its_reason():
         load_default_recipe(yaml, ["stages=[{kind: video}]"])
     with pytest.raises(ValueError, match="needs hop_scenes"):
         load_default_recipe(yaml, ["stages=[{kind: text_hop}]"])
+    with pytest.raises(ValueError, match="stated: false is for a text_hop stage"):
+        load_default_recipe(yaml, ["stages=[{kind: text_hop, hop_scenes: 8, stated: false, stop_above: 0.9}]"])

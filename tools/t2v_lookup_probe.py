@@ -7,7 +7,9 @@ sprite's original tokens (`crosslmm.synth.world.grounding_targets`), and for pla
 time questions the named frame and the named quadrant of that frame (for motion, whose
 targets are two head groups, the first and the last frame's sprite, each group's heads
 on their own frame, and "sprite, all heads" on both); with the same
-softmax as the grounding loss and `crosslmm demo` (`crosslmm.train.grounding`). Chance is
+softmax as the grounding loss and `crosslmm demo` (`crosslmm.train.grounding`). For a
+multiple-choice question, "options: sprite" is the same mass from the last token of each
+option line (where `grounding_options` supervises it), averaged over the options. Chance is
 what uniform attention would give. Teacher-forced: the record's own answer follows.
 
     python tools/t2v_lookup_probe.py MODEL CHECKPOINT|- DATA_ROOT N
@@ -37,6 +39,7 @@ def main() -> None:
     masses: dict[str, list[float]] = defaultdict(list)
     layers: dict[str, list[torch.Tensor]] = defaultdict(list)
     asked = 0
+    token_texts = [processor.tokenizer.decode([i]) for i in range(len(processor.tokenizer))]
     for record in records:
         if asked == args.n:
             break
@@ -59,12 +62,17 @@ def main() -> None:
         item = processor.encode_record(record, args.records)
         features = model.vision_tower(item["pixel_values"])
         batch = {"input_ids": item["input_ids"][None], "labels": item["labels"][None], "grounding": [[sprite]]}
-        (query,) = grounded_queries(batch, model.config.media_token_id)
+        query, *options = grounded_queries(batch, model.config.media_token_id, token_texts)
         names = list(targets)
         groups = {name: t if isinstance(t[0], list) else [t] for name, t in targets.items()}
-        with T2VAttentionMass(model, [(0, query[1], groups[name]) for name in names]) as attention:
+        asks = [(0, query[1], groups[name]) for name in names] + [(0, rank, groups["sprite"]) for _, rank, _ in options]
+        with T2VAttentionMass(model, asks) as attention:
             model(input_ids=batch["input_ids"], vision_features=features, media_num_frames=item["media_num_frames"])
-        by_layer = torch.stack(attention.masses)  # (T2V layers, targets)
+        by_layer = torch.stack(attention.masses)  # (T2V layers, targets + options)
+        if options:
+            names.append("options: sprite")
+            groups["options: sprite"] = groups["sprite"]
+            by_layer = torch.cat([by_layer[:, :len(targets)], by_layer[:, len(targets):].mean(1, keepdim=True)], 1)
         keys = features.shape[0] * per_frame
         family = record["type"]
         for j, name in enumerate(names):

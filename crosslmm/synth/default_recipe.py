@@ -11,8 +11,9 @@ One YAML file (`configs/synth/default.yaml`) says everything, and the run does, 
    records as the bundled model's lineage learned to write them (docs/synthetic.md):
    the answer stated before half the multiple-choice questions (`state_mc_answers`),
    per answer the originals it is about (`add_grounding`, for the T2V grounding loss),
-   and option-completion text records (`option_completion_records`), after an optional
-   text-only stage on the stated option-letter hop (`letter_hop_records`);
+   and option-completion text records (`option_completion_records`), after optional
+   text-only stages on the stated option-letter hop and the unstated copy
+   (`letter_hop_records`);
 5. writes `timings.json` (wall seconds of every step: the budget the recipe is held to)
    and, with `export.out`, the final model in `export.dtype` scored on a world's
    held-out split (`export_model`, as the ablation runner bundles a variant).
@@ -67,7 +68,13 @@ class StageSpec:
     option completion). `text_hop`: the stated option-letter hop as text only
     (`letter_hop_records`, in the world's reply style; the world gives only its seed),
     which a from-scratch language model crosses after a plateau: cheaper in text than
-    inside video records (docs/synthetic.md, "from scratch in one run")."""
+    inside video records (docs/synthetic.md, "from scratch in one run"). With `stated:
+    false`, the unstated copy instead (the reply's option text given, its letter learned):
+    the step from a reply's own words to their letter that a video question needs, which
+    a model that has crossed the stated hop learns in a few thousand text steps. It has
+    no probe (its held-out records are written for `tools/letter_copy_accuracy.py`):
+    a generated reply cannot know the option text, so only the teacher-forced copy says
+    whether it is learned."""
 
     kind: str = "questions"  # questions | text_hop
     world: WorldSpec = field(default_factory=WorldSpec)
@@ -76,6 +83,7 @@ class StageSpec:
     completion_records: int = 6600  # scenes of option-completion text records (about 45 % become records)
     hop_scenes: int = 0  # text_hop: training scenes (one record each)
     hop_probe: int = 150  # text_hop: held-out scenes after them, probed while it trains
+    stated: bool = True  # text_hop: the answer stated before the options; false: the unstated copy
     stop_above: float | None = None  # end the stage once its probe reaches this
     overrides: list[str] = field(default_factory=list)  # key=value for `crosslmm train` (e.g. epochs=4)
 
@@ -123,6 +131,8 @@ def load_default_recipe(path: str | Path, overrides: list[str] | None = None) ->
             raise ValueError(f"stage kind {stage.kind!r}: choose questions or text_hop")
         if stage.kind == "text_hop" and not stage.hop_scenes:
             raise ValueError("a text_hop stage needs hop_scenes")
+        if not stage.stated and (stage.kind != "text_hop" or stage.stop_above is not None):
+            raise ValueError("stated: false is for a text_hop stage, without stop_above (the unstated copy has no probe)")
         stage.recipe = str((path.parent / stage.recipe).resolve()) if stage.recipe else config.recipe
     return config
 
@@ -178,9 +188,10 @@ def stage_records(world: Path, spec: StageSpec, out: Path) -> Path:
         return target
     w = spec.world
     if spec.kind == "text_hop":
-        records = letter_hop_records(w.seed, spec.hop_scenes, w.frames, w.size, mc_reply=w.mc_reply)
+        records = letter_hop_records(w.seed, spec.hop_scenes, w.frames, w.size, mc_reply=w.mc_reply,
+                                     stated=spec.stated)
         heldout = letter_hop_records(w.seed, spec.hop_probe, w.frames, w.size, first=spec.hop_scenes,
-                                     mc_reply=w.mc_reply)
+                                     mc_reply=w.mc_reply, stated=spec.stated)
         _write(out / "heldout.json", heldout)
     else:
         videos = json.loads((world / "train_multiturn.json").read_text())
@@ -262,7 +273,7 @@ def run_default_recipe(config: DefaultRecipeConfig, command: str | None = None) 
             probe = [f"probe.every={config.probe.every}", "probe.kind=questions", f"probe.data={world / 'test.json'}",
                      f"probe.limit={config.probe.questions}"]
         probe = probe + [f"probe.stop_above={stage.stop_above}"] * (stage.stop_above is not None)
-        probe = probe if config.probe.every else []
+        probe = probe if config.probe.every and stage.stated else []
         resume = ["resume=latest"] if (stage_dir / "train" / "checkpoints" / "latest").exists() else []
         train_config = load_train_config(stage.recipe, [
             f"model={model}", f"output_dir={stage_dir / 'train'}", f"data.train={records}",
