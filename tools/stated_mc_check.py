@@ -15,11 +15,8 @@ import json
 import re
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
-from crosslmm.infer import load
 from crosslmm.synth.evaluate import evaluate
+from probe_model import load_probed
 
 
 def main() -> None:
@@ -29,11 +26,9 @@ def main() -> None:
     parser.add_argument("--base", type=Path, help="for a training checkpoint: the model its run started from")
     parser.add_argument("--questions", type=int, default=60)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    model, processor = load(args.base or args.model)
-    if args.base:
-        model.load_state_dict(load_file(args.model / "trainable.safetensors"), strict=False)
-    model.float().eval()
+    model, processor = load_probed(argparse.Namespace(model=args.base or args.model,
+                                                      checkpoint=args.model if args.base else "-"))
+    model.float()
     test = [dict(r) for r in json.loads((args.world / "test.json").read_text()) if r["form"] == "mc"][: args.questions]
     for record in test:
         question = record["conversations"][0]["value"]

@@ -23,7 +23,7 @@ import torch
 
 from crosslmm.synth.evaluate import split_scenes
 from crosslmm.synth.world import REGIONS, grounding_targets, region_box, video_index
-from crosslmm.train.grounding import T2VAttentionMass, grounded_queries
+from crosslmm.train.grounding import T2VAttentionMass, grounded_queries, token_texts
 from probe_model import load_probed, parser
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     masses: dict[str, list[float]] = defaultdict(list)
     layers: dict[str, list[torch.Tensor]] = defaultdict(list)
     asked = 0
-    token_texts = [processor.tokenizer.decode([i]) for i in range(len(processor.tokenizer))]
+    texts = token_texts(processor.tokenizer)
     for record in records:
         if asked == args.n:
             break
@@ -62,7 +62,7 @@ def main() -> None:
         item = processor.encode_record(record, args.records)
         features = model.vision_tower(item["pixel_values"])
         batch = {"input_ids": item["input_ids"][None], "labels": item["labels"][None], "grounding": [[sprite]]}
-        query, *options = grounded_queries(batch, model.config.media_token_id, token_texts)
+        query, *options = grounded_queries(batch, model.config.media_token_id, texts)
         names = list(targets)
         groups = {name: t if isinstance(t[0], list) else [t] for name, t in targets.items()}
         asks = [(0, query[1], groups[name]) for name in names] + [(0, rank, groups["sprite"]) for _, rank, _ in options]

@@ -60,6 +60,11 @@ def option_line_ends(token_texts: Sequence[str]) -> list[int]:
     return [bisect.bisect_right(ends, match.end() - 1) for match in _OPTION_LINE.finditer("".join(token_texts))]
 
 
+def token_texts(tokenizer) -> list[str]:
+    """Each token id's text, the table `grounded_queries` finds option lines with."""
+    return [tokenizer.decode([i]) for i in range(len(tokenizer))]
+
+
 def grounded_queries(batch: dict, media_token_id: int, token_texts: Sequence[str] | None = None) -> list[GroundedQuery]:
     """The T2V queries of a right-padded batch that have a grounding target: for the k-th
     answer (the k-th run of labelled tokens) of a sample whose k-th `grounding` entry is

@@ -48,7 +48,7 @@ from crosslmm.model.modeling import CrossLMMForCausalLM, parameter_part
 from crosslmm.train.config import TrainConfig, dump_train_config
 from crosslmm.train.distributed import ParallelModel, export_model, fully_shard_model
 from crosslmm.train.feature_cache import FeatureCache, vision_fingerprint
-from crosslmm.train.grounding import T2VAttentionMass, grounded_queries
+from crosslmm.train.grounding import T2VAttentionMass, grounded_queries, token_texts
 from crosslmm.train.state import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 
 log = logging.getLogger("crosslmm.train")
@@ -179,8 +179,7 @@ class Run:
     @functools.cached_property
     def token_texts(self) -> list[str]:
         """Each token id's text: where the grounding loss finds option lines (`grounding_options`)."""
-        tokenizer = self.processor.tokenizer
-        return [tokenizer.decode([i]) for i in range(len(tokenizer))]
+        return token_texts(self.processor.tokenizer)
 
     @property
     def world(self) -> int:
