@@ -198,3 +198,34 @@ def test_a_spatial_embedding_loads_into_an_old_checkpoint_and_a_positive_std_giv
         tiny_config(use_v2v=False, use_t2v=False, spatial_embedding=True)
     with pytest.raises(ValueError, match="identity_embedding_std"):
         tiny_config(identity_embedding_std=-1.0)
+
+
+def test_a_sincos_spatial_table_encodes_row_and_column_and_a_saved_one_is_not_redrawn(tmp_path):
+    """`spatial_embedding_init="sincos"`: MAE's fixed 2-D table scaled to
+    `identity_embedding_std`, its first half shared by the patches of a row and its
+    second by those of a column (what makes a region one direction for a T2V query),
+    every patch still distinct; a trained table is loaded as saved."""
+    from crosslmm import CrossLMMConfig, CrossLMMForCausalLM
+    from crosslmm.model.modeling import sincos_2d_table
+
+    table = sincos_2d_table(4, 16)  # (16 patches, width 16)
+    assert table.shape == (16, 16)
+    torch.testing.assert_close(table.pow(2).mean(), torch.tensor(1.0))
+    rows, cols = table[:, :8].view(4, 4, 8), table[:, 8:].view(4, 4, 8)  # (row, column, half)
+    assert torch.equal(rows, rows[:, :1].expand_as(rows))  # the row half depends on the row only
+    assert torch.equal(cols, cols[:1].expand_as(cols))  # the column half on the column only
+    assert torch.cdist(table, table).add(torch.eye(16)).min() > 0.1  # distinct codes
+
+    config = CrossLMMConfig(**{**tiny_model().config.to_dict(), "spatial_embedding": True, "identity_embedding_std": 0.5,
+                               "spatial_embedding_init": "sincos"})
+    model = CrossLMMForCausalLM(config)
+    grid = config.vision_grid_size
+    torch.testing.assert_close(model.spatial_embedding.detach(), 0.5 * sincos_2d_table(grid, model.spatial_embedding.shape[1]))
+    with torch.no_grad():
+        model.spatial_embedding.add_(1.0)  # as training would move it
+    model.save_pretrained(tmp_path / "trained")
+    reloaded = CrossLMMForCausalLM.from_pretrained(tmp_path / "trained")
+    assert reloaded.config.spatial_embedding_init == "sincos"
+    assert torch.equal(reloaded.spatial_embedding, model.spatial_embedding)
+    with pytest.raises(ValueError, match="spatial_embedding_init"):
+        tiny_config(spatial_embedding_init="learned")

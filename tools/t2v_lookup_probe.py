@@ -4,7 +4,8 @@ For the first N held-out questions of a synthetic world that name a place and ti
 ("the object in the top-left quadrant in frame 3") or a sprite ("the white triangle"),
 the attention that T2V's query predicting the answer puts (averaged over heads) on: the
 sprite's original tokens (`crosslmm.synth.world.grounding_targets`), and for place-and-
-time questions the named frame and the named quadrant of that frame (for motion, whose
+time questions the named frame, the named quadrant of that frame and the three others
+(mirrored left-right, top-bottom, opposite: which axis a query has not learned) (for motion, whose
 targets are two head groups, the first and the last frame's sprite, each group's heads
 on their own frame, and "sprite, all heads" on both); with the same
 softmax as the grounding loss and `crosslmm demo` (`crosslmm.train.grounding`). For a
@@ -55,10 +56,20 @@ def main() -> None:
         place = next((r for r in REGIONS if f"the {r} quadrant in frame" in question), None)
         if place is not None:
             t = sprite[0] // per_frame
-            x0, y0, x1, y1 = region_box(place, scene.size)
+
+            def quadrant(region: str, t: int = t) -> list[int]:
+                x0, y0, x1, y1 = region_box(region, scene.size)
+                return [t * per_frame + r * grid + c for r in range(y0 // cell, y1 // cell) for c in range(x0 // cell, x1 // cell)]
+
             targets["frame"] = list(range(t * per_frame, (t + 1) * per_frame))
-            targets["quadrant"] = [t * per_frame + r * grid + c for r in range(y0 // cell, y1 // cell)
-                                   for c in range(x0 // cell, x1 // cell)]
+            targets["quadrant"] = quadrant(place)
+            # Where the rest of the frame's mass goes: a query that has learned one axis
+            # of "top-left" and not the other splits between the quadrant and its mirror.
+            vertical, horizontal = place.split("-")
+            other = {"top": "bottom", "bottom": "top", "left": "right", "right": "left"}
+            targets["quadrant mirrored left-right"] = quadrant(f"{vertical}-{other[horizontal]}")
+            targets["quadrant mirrored top-bottom"] = quadrant(f"{other[vertical]}-{horizontal}")
+            targets["quadrant opposite"] = quadrant(f"{other[vertical]}-{other[horizontal]}")
         item = processor.encode_record(record, args.records)
         features = model.vision_tower(item["pixel_values"])
         batch = {"input_ids": item["input_ids"][None], "labels": item["labels"][None], "grounding": [[sprite]]}

@@ -86,6 +86,14 @@ class CrossLMMConfig(PretrainedConfig):
             a distinct code from the first step; the model still starts adding nothing
             through a new cross-attention block (its `o_proj` or gate is zero), but a
             checkpoint's trained blocks see their originals shifted.
+        spatial_embedding_init: how the spatial table starts when
+            `identity_embedding_std` > 0. "normal" (default): an independent random code
+            per patch, so a query for a region ("the top-left quadrant") must learn each of
+            its patches' codes separately. "sincos": the fixed 2-D sine-cosine table of MAE
+            (half the width encodes the row, half the column), scaled to that standard
+            deviation and still learned: neighbouring patches start with similar codes and
+            a row or column range is one direction, so a region is linearly separable from
+            the first step (docs/synthetic.md, seventh session).
         cross_attention_init: how a new cross-attention block starts; both make it add
             exactly zero, so a fresh CrossLMM computes what the pooled-only model computes.
             "zero_output" (default): `o_proj` at zero and the gate at 1 (tanh 0.76).
@@ -121,6 +129,7 @@ class CrossLMMConfig(PretrainedConfig):
         temporal_embedding_frames: int = 0,
         spatial_embedding: bool = False,
         identity_embedding_std: float = 0.0,
+        spatial_embedding_init: str = "normal",
         **kwargs: Any,
     ) -> None:
         self.vision_config = _as_config(vision_config, "siglip_vision_model")
@@ -143,6 +152,7 @@ class CrossLMMConfig(PretrainedConfig):
         self.temporal_embedding_frames = temporal_embedding_frames
         self.spatial_embedding = spatial_embedding
         self.identity_embedding_std = identity_embedding_std
+        self.spatial_embedding_init = spatial_embedding_init
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
         self.validate_crosslmm()
@@ -206,6 +216,11 @@ class CrossLMMConfig(PretrainedConfig):
             raise ValueError("spatial_embedding needs a fixed patch grid; a NaFlex (siglip2) encoder has none")
         if self.identity_embedding_std < 0:
             raise ValueError(f"identity_embedding_std must be >= 0, got {self.identity_embedding_std}")
+        if self.spatial_embedding_init not in ("normal", "sincos"):
+            raise ValueError(f"spatial_embedding_init must be 'normal' or 'sincos', got {self.spatial_embedding_init!r}")
+        if self.spatial_embedding and self.spatial_embedding_init == "sincos" and self.text_config.hidden_size % 4:
+            raise ValueError(f"a sincos spatial table splits the width into row and column sine-cosine pairs: "
+                             f"hidden_size {self.text_config.hidden_size} is not a multiple of 4")
         vocab = self.text_config.vocab_size
         if self.media_token_id is not None and not 0 <= self.media_token_id < vocab:
             raise ValueError(f"media_token_id={self.media_token_id} is outside the LLM's vocabulary of {vocab}")

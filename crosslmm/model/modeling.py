@@ -50,6 +50,21 @@ def parameter_part(name: str) -> str:
     return "llm"
 
 
+def sincos_2d_table(grid: int, width: int) -> torch.Tensor:
+    """(grid², width): MAE's fixed 2-D sine-cosine position table for a grid x grid patch
+    grid, row-major, rescaled to unit root mean square. The first half of the width
+    encodes the row, the second the column, each as sin/cos pairs at frequencies
+    1 / 10000^(k / (width / 4))."""
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (width/4,)
+    angles = torch.arange(grid, dtype=torch.float64)[:, None] * frequencies  # (grid, width/4)
+    per_axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (grid, width/2)
+    rows = per_axis.repeat_interleave(grid, dim=0)  # (grid², width/2): patch p = r * grid + c has row r
+    cols = per_axis.repeat(grid, 1)  # (grid², width/2): ... and column c
+    table = torch.cat([rows, cols], dim=1)
+    return (table / table.pow(2).mean().sqrt()).float()
+
+
 def frame_index_in_media(media_num_frames: torch.Tensor) -> torch.Tensor:
     """(M,) frames per media item -> (F,) each frame's index within its own item:
     [3, 2] -> [0, 1, 2, 0, 1]."""
@@ -114,7 +129,11 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
             table = getattr(self, name, None)
             if table is None:
                 continue
-            if std:  # a distinct code per frame / patch from the first step
+            if std and name == "spatial_embedding" and self.config.spatial_embedding_init == "sincos":
+                if not getattr(table, "_is_hf_initialized", False):  # as init.* does: never touch a loaded tensor
+                    with torch.no_grad():
+                        table.copy_(sincos_2d_table(self.config.vision_grid_size, table.shape[1]) * std)
+            elif std:  # a distinct code per frame / patch from the first step
                 init.normal_(table, mean=0.0, std=std)
             else:  # starts adding nothing, like the cross-attention blocks
                 init.zeros_(table)
