@@ -93,6 +93,11 @@ def main() -> None:
     print(json.dumps({
         "model": str(args.model), "checkpoint": args.checkpoint, "questions": asked,
         "mean mass": {k: round(sum(v) / len(v), 3) for k, v in sorted(masses.items())},
+        # Whether a mean of ~0.5 is every query half right or half the queries right.
+        "share of questions with mass >= 0.8": {k: round(sum(x >= 0.8 for x in v) / len(v), 3)
+                                                for k, v in sorted(masses.items()) if "chance" not in k},
+        "share of questions with mass < 0.2": {k: round(sum(x < 0.2 for x in v) / len(v), 3)
+                                               for k, v in sorted(masses.items()) if "chance" not in k},
         "per T2V layer": {k: [round(float(x), 3) for x in torch.stack(v).mean(0)] for k, v in sorted(layers.items())},
         "count": {k: len(v) for k, v in sorted(masses.items()) if "chance" not in k},
     }, indent=1))
