@@ -18,10 +18,10 @@ import re
 import torch
 
 from crosslmm.data.processor import IGNORE_INDEX
+from crosslmm.synth.world import REGIONS
 from probe_model import load_probed, parser
 
-_PLACE = re.compile(r"the (top-left|top-right|bottom-left|bottom-right) quadrant in frame (\d+)")
-QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+_PLACE = re.compile(rf"the ({'|'.join(REGIONS)}) quadrant in frame (\d+)")
 
 
 def fit_and_score(x: torch.Tensor, y: torch.Tensor, classes: int, split: float = 0.7) -> float:
@@ -69,7 +69,7 @@ def main() -> None:
                 hook.remove()
         spliced = outputs[0].shape[1] - item["input_ids"].shape[0]  # visual tokens minus their placeholders, all before the question
         states.append(torch.stack([h[0, query + spliced] for h in outputs]))  # (layers, D)
-        quadrant.append(QUADRANTS.index(match[1]))
+        quadrant.append(REGIONS.index(match[1]))
         frame.append(int(match[2]) - 1)
     x = torch.stack(states).float()  # (questions, layers, D)
     quadrant, frame = torch.tensor(quadrant), torch.tensor(frame)
