@@ -13,15 +13,12 @@ gets no quadrant in its query, or gets it and does not match it to the keys.
 from __future__ import annotations
 
 import json
-import re
 
 import torch
 
 from crosslmm.data.processor import IGNORE_INDEX
-from crosslmm.synth.world import REGIONS
+from crosslmm.synth.world import AT_REGION_TIME, REGIONS
 from probe_model import load_probed, parser
-
-_PLACE = re.compile(rf"the ({'|'.join(REGIONS)}) quadrant in frame (\d+)")
 
 
 def fit_and_score(x: torch.Tensor, y: torch.Tensor, classes: int, split: float = 0.7) -> float:
@@ -52,7 +49,7 @@ def main() -> None:
     for record in records:
         if len(states) == args.n:
             break
-        match = _PLACE.search(record["conversations"][0]["value"])
+        match = AT_REGION_TIME.search(record["conversations"][0]["value"])
         if match is None:
             continue
         item = processor.encode_record(record, args.records)

@@ -4,8 +4,9 @@ For the first N held-out questions of a synthetic world that name a place and ti
 ("the object in the top-left quadrant in frame 3") or a sprite ("the white triangle"),
 the attention that T2V's query predicting the answer puts (averaged over heads) on: the
 sprite's original tokens (`crosslmm.synth.world.grounding_targets`), and for place-and-
-time questions the named frame, the named quadrant of that frame and the three others
-(mirrored left-right, top-bottom, opposite: which axis a query has not learned) (for motion, whose
+time questions the named frame, the named quadrant of that frame and its three other
+quadrants (mirrored left-right, top-bottom, opposite: an axis a query has not learned)
+(for motion, whose
 targets are two head groups, the first and the last frame's sprite, each group's heads
 on their own frame, and "sprite, all heads" on both); with the same
 softmax as the grounding loss and `crosslmm demo` (`crosslmm.train.grounding`). For a
@@ -23,7 +24,7 @@ from collections import defaultdict
 import torch
 
 from crosslmm.synth.evaluate import split_scenes
-from crosslmm.synth.world import REGIONS, grounding_targets, region_box, video_index
+from crosslmm.synth.world import AT_REGION_TIME, grounding_targets, region_box, video_index
 from crosslmm.train.grounding import T2VAttentionMass, grounded_queries, token_texts
 from probe_model import load_probed, parser
 
@@ -53,7 +54,7 @@ def main() -> None:
         targets = {"sprite": sprite}
         if isinstance(sprite[0], list):  # head groups
             targets["sprite, all heads"] = sorted({t for group in sprite for t in group})
-        place = next((r for r in REGIONS if f"the {r} quadrant in frame" in question), None)
+        place = match[1] if (match := AT_REGION_TIME.search(question)) else None
         if place is not None:
             t = sprite[0] // per_frame
 

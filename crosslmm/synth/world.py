@@ -896,7 +896,8 @@ def append_caption_turns(records: Sequence[dict], seed: int, frames: int = 8, si
     return out
 
 
-_AT_REGION_TIME = re.compile(r"in the ((?:top|bottom)-(?:left|right)) quadrant in frame (\d+)\?")
+# A place-and-time question: (quadrant, frame number). Public: the probe tools find these questions by it.
+AT_REGION_TIME = re.compile(r"in the ((?:top|bottom)-(?:left|right)) quadrant in frame (\d+)\?")
 _NAMED_OBJECT = re.compile(r"^(?:What pattern does|Which direction does) the ([a-z]+ [a-z]+) (?:have|move)\?", re.MULTILINE)
 _FIRST_OR_LAST = re.compile(r"^(?:Which object|What colour is the object that) appears (first|last) in the video\?", re.MULTILINE)
 _WITH_PATTERN = re.compile(r"^(?:Which object has|What colour is the object with) ([a-z]+)\?", re.MULTILINE)
@@ -936,7 +937,7 @@ def grounding_targets(scene: Scene, question: str, grid: int) -> list[int] | lis
     def visible(obj: SceneObject) -> range:
         return range(obj.start, min(obj.end, scene.frames))
 
-    match = _AT_REGION_TIME.search(question)
+    match = AT_REGION_TIME.search(question)
     if match:
         t = int(match[2]) - 1
         obj = _alone_in_region(scene, match[1], t)  # the rule the question was asked under
