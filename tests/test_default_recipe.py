@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from crosslmm.model.modeling import sincos_2d_table
 from crosslmm.synth.default_recipe import load_default_recipe, run_default_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +41,15 @@ def test_default_recipe_builds_trains_exports_and_resumes(tmp_path):
     assert tower and all(torch.equal(v, vision[k]) for k, v in tower.items())
     written = json.loads((model / "config.json").read_text())
     assert {k: written[k] for k in config.model} == config.model
+    # The YAML's spatial table starts as the sine-cosine table, and the two text stages
+    # leave it as it started (no video, so no gradient and no weight decay reaches it):
+    # a video stage from another copy-stage model with that table swapped in trains as
+    # this recipe does (docs/synthetic.md, eighth session).
+    init_table = load_file(out / "init" / "model.safetensors")["spatial_embedding"]
+    grid = round(init_table.shape[0] ** 0.5)  # one code per patch of the encoder's square grid
+    assert torch.allclose(init_table, sincos_2d_table(grid, init_table.shape[1]) * config.model["identity_embedding_std"])
+    copy_stage = load_file(out / "stage1" / "train" / "model" / "model.safetensors")["spatial_embedding"]
+    assert torch.equal(copy_stage, init_table) and not torch.equal(trained["spatial_embedding"], init_table)
     # The text stage trained on stated hops (its probe on held-out ones), the video stage
     # on the scaffolded, grounded records, each probed while it trained.
     hops = json.loads((out / "stage0" / "train.json").read_text())
