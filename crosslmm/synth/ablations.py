@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from crosslmm.synth.world import FAMILIES
+from crosslmm.train.config import load_yaml_config
 
 if TYPE_CHECKING:
     from crosslmm.model.configuration import CrossLMMConfig
@@ -149,17 +149,6 @@ class AblationConfig:
     docs_dir: str | None = None  # where results.md and ablations.png are copied
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> CrossLMMConfig options
     default_model: DefaultModelSpec = field(default_factory=DefaultModelSpec)
-
-
-def load_yaml_config(schema: type, path: Path, overrides: list[str] | None, what: str) -> Any:
-    """`schema` (a dataclass) filled from the YAML at `path`, then `key=value` overrides;
-    a value that does not fit the schema is a ValueError naming the file."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path),
-                                 OmegaConf.from_dotlist(list(overrides or [])))
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ValueError(f"bad {what} config {path}: {err}") from err
 
 
 def load_ablation_config(path: str | Path, overrides: list[str] | None = None) -> AblationConfig:

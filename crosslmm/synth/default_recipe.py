@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crosslmm.train.config import load_yaml_config
+
 
 @dataclass
 class WorldSpec:
@@ -119,8 +121,6 @@ class DefaultRecipeConfig:
 def load_default_recipe(path: str | Path, overrides: list[str] | None = None) -> DefaultRecipeConfig:
     """The YAML merged over the schema and `key=value` overrides; the recipe path is
     resolved against the YAML's folder."""
-    from crosslmm.synth.ablations import load_yaml_config
-
     path = Path(path)
     config: DefaultRecipeConfig = load_yaml_config(DefaultRecipeConfig, path, overrides, "recipe")
     config.recipe = str((path.parent / config.recipe).resolve())

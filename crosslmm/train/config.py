@@ -101,6 +101,19 @@ class TrainConfig:
     export_dtype: str = "bfloat16"  # the final model's weights: bfloat16 (inference) | float32 (a next stage's start)
 
 
+def load_yaml_config(schema: type, path: Path, overrides: list[str] | None, what: str) -> Any:
+    """`schema` (a dataclass) filled from the YAML at `path`, then `key=value` overrides;
+    a value that does not fit the schema is a ValueError naming the file. The loader of
+    the synthetic world's recipes (`synth-ablations`, `synth-default`), beside the
+    training recipe's own."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(list(overrides or [])))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"bad {what} config {path}: {err}") from err
+
+
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     layers = [OmegaConf.structured(TrainConfig)]
     try:
