@@ -6,9 +6,8 @@ the attention that T2V's query predicting the answer puts (averaged over heads) 
 sprite's original tokens (`crosslmm.synth.world.grounding_targets`), and for place-and-
 time questions the named frame, the named quadrant of that frame and its three other
 quadrants (mirrored left-right, top-bottom, opposite: an axis a query has not learned)
-(for motion, whose
-targets are two head groups, the first and the last frame's sprite, each group's heads
-on their own frame, and "sprite, all heads" on both); with the same
+(for motion, whose targets are two head groups, the first and the last frame's sprite,
+each group's heads on their own frame, and "sprite, all heads" on both); with the same
 softmax as the grounding loss and `crosslmm demo` (`crosslmm.train.grounding`). For a
 multiple-choice question, "options: sprite" is the same mass from the last token of each
 option line (where `grounding_options` supervises it), averaged over the options. Chance is
