@@ -76,6 +76,13 @@ def test_default_recipe_builds_trains_exports_and_resumes(tmp_path):
     longer = load_default_recipe(REPO / "configs/synth/default.yaml",
                                  [f"out_dir={out}", *[t.replace("max_steps=3]", "max_steps=9]") for t in TOY]])
     assert run_default_recipe(longer) == model
+    # A settings file written before a stage field existed resumes: the field's default
+    # is what that run trained with.
+    stored = json.loads((out / "settings.json").read_text())
+    for stage in stored["stages"]:
+        del stage["ground_counts"]
+    (out / "settings.json").write_text(json.dumps(stored))
+    assert run_default_recipe(config) == model
     other = load_default_recipe(REPO / "configs/synth/default.yaml", [f"out_dir={out}", *TOY, "seed=1"])
     with pytest.raises(ValueError, match="other settings"):
         run_default_recipe(other)

@@ -234,3 +234,39 @@ def test_world_targets_are_the_sprite_the_question_is_about(seed):
     assert checked or seed, "seed 0's scene asks a quadrant question: the pixel check must run"
     assert checked_motion or seed, "seed 0's scene asks a motion question"
     assert grounding_targets(scene, "How many circles appear in the video?", 8) is None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_count_targets_are_every_counted_sprite_once_where_it_appears(seed):
+    """`counts=True`: a count question's targets are each counted sprite's patches in the
+    frame it appears, checked against the rendered pixels of that sprite's colour; a count
+    of 0 has no target, and without the option counts stay ungrounded."""
+    scene = scene_for(seed, 5)
+    frames = render(scene)  # (T, H, W, 3) uint8
+    cell, pixel_checked = scene.size // 8, 0
+    plural = {"square": "squares", "circle": "circles", "triangle": "triangles", "cross": "crosses"}
+    asked = ["How many objects appear in the video?",
+             *(f"How many {plural[o.shape]} appear in the video?" for o in scene.objects),
+             *(f"How many {o.color} objects appear in the video?" for o in scene.objects)]
+    for question in asked:
+        assert grounding_targets(scene, question, 8) is None
+        targets = grounding_targets(scene, question + "\nA. 1\nB. 2", 8, counts=True)
+        if question.startswith("How many objects"):
+            counted = list(scene.objects)
+        elif question.endswith("objects appear in the video?"):
+            counted = [o for o in scene.objects if f" {o.color} objects" in question]
+        else:
+            counted = [o for o in scene.objects if f" {plural[o.shape]} " in question]
+        assert counted and len(targets) == len(set(targets))
+        for obj in counted:  # each counted sprite's own pixels, in its first frame, lie in the targets
+            if sum(o.color == obj.color for o in scene.objects) > 1:
+                continue  # its colour's pixels are not its own alone
+            ys, xs = np.nonzero((frames[obj.start].astype(int) - np.array(COLORS[obj.color])).__abs__().sum(-1) == 0)
+            assert len(ys) > 10
+            hit = {obj.start * 64 + (y // cell) * 8 + x // cell for y, x in zip(ys, xs)}
+            assert len(hit & set(targets)) >= len(hit) * 3 // 4
+            pixel_checked += 1
+        assert {i // 64 for i in targets} == {o.start for o in counted}
+    assert pixel_checked, "no sprite of a colour of its own: the pixel check never ran"
+    absent = next(c for c in COLORS if all(o.color != c for o in scene.objects))
+    assert grounding_targets(scene, f"How many {absent} objects appear in the video?", 8, counts=True) is None

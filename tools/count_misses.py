@@ -9,15 +9,11 @@ with the answer (distinct sprites) and with the most matching sprites visible in
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections import Counter
 
 from crosslmm.synth.evaluate import split_scenes
-from crosslmm.synth.world import video_index
-
-COUNT = re.compile(r"How many (\w+) (objects )?appear")
-PLURAL = {"squares": "square", "circles": "circle", "triangles": "triangle", "crosses": "cross"}
+from crosslmm.synth.world import COUNT_QUESTION, counted_objects, video_index
 
 
 def main(pairs: list[str]) -> None:
@@ -29,9 +25,7 @@ def main(pairs: list[str]) -> None:
             if row["groups"]["type"] != "count" or row["form"] != "short":
                 continue
             scene = scenes[video_index(row["video"])]
-            word, by_colour = COUNT.match(row["prompt"]).groups()
-            objs = [o for o in scene.objects if word == "objects" or
-                    (o.color == word if by_colour else o.shape == PLURAL[word])]
+            objs = counted_objects(scene, COUNT_QUESTION.search(row["prompt"])[1])
             truth = len(objs)
             assert str(truth) == row["answer"], row["id"]
             per_frame = max(sum(o.start <= t < o.end for o in objs) for t in range(scene.frames))

@@ -83,6 +83,7 @@ class StageSpec:
     recipe: str | None = None  # this stage's recipe (relative to the YAML's folder); None: the top-level one
     stated_fraction: float = 0.5  # multiple-choice questions with the answer stated first (the scaffold)
     completion_records: int = 6600  # scenes of option-completion text records (about 45 % become records)
+    ground_counts: bool = False  # count questions get grounding targets too (world.grounding_targets' `counts`)
     hop_scenes: int = 0  # text_hop: training scenes (one record each)
     hop_probe: int = 150  # text_hop: held-out scenes after them, probed while it trains
     stated: bool = True  # text_hop: the answer stated before the options; false: the unstated copy
@@ -196,7 +197,7 @@ def stage_records(world: Path, spec: StageSpec, out: Path) -> Path:
     else:
         videos = json.loads((world / "train_multiturn.json").read_text())
         records = add_grounding(state_mc_answers(videos, fraction=spec.stated_fraction), seed=w.seed,
-                                frames=w.frames, size=w.size)
+                                frames=w.frames, size=w.size, counts=spec.ground_counts)
         if spec.completion_records:
             records += option_completion_records(w.seed, spec.completion_records, w.frames, w.size)
     return _write(target, records)
@@ -209,6 +210,15 @@ def _write(target: Path, records: list[dict]) -> Path:
     partial.write_text(json.dumps(records) + "\n")
     partial.replace(target)
     return target
+
+
+def _with_new_fields(stored: dict) -> dict:
+    """Stored settings with the stage fields added since they were written, at their
+    defaults: a new field's default is the behaviour the older run trained with, so a
+    run resumed under newer code is not refused for it."""
+    defaults = asdict(StageSpec())
+    return {**stored, "stages": [{**{k: v for k, v in defaults.items() if k not in stage}, **stage}
+                                 for stage in stored.get("stages", [])]}
 
 
 def _timed(timings: dict, name: str, path: Path, work):
@@ -243,7 +253,7 @@ def run_default_recipe(config: DefaultRecipeConfig, command: str | None = None) 
     settings["export"] = None  # exporting again is allowed
     settings["recipe_texts"] = [Path(stage.recipe).read_text() for stage in config.stages]
     settings_file = out / "settings.json"
-    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
+    if settings_file.exists() and _with_new_fields(json.loads(settings_file.read_text())) != settings:
         raise ValueError(f"{out} was trained with other settings ({settings_file}); use another out_dir")
     settings_file.write_text(json.dumps(settings, indent=2))
     timings_file = out / "timings.json"

@@ -53,6 +53,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "magenta": (220, 60, 220),
 }
 SHAPES: tuple[str, ...] = ("square", "circle", "triangle", "cross")
+_PLURAL = {"square": "squares", "circle": "circles", "triangle": "triangles", "cross": "crosses"}  # count questions
 PATTERNS: tuple[str, ...] = ("plain", "stripes", "dots", "checks")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 STATIC = "static"  # one-word answer for an object that does not move
@@ -498,9 +499,8 @@ def _count_facts(scene: Scene) -> list[Fact]:
         return _fact("count", question, str(count), numbers)
 
     facts = [fact("How many objects appear in the video?", len(scene.objects))]
-    plural = {"square": "squares", "circle": "circles", "triangle": "triangles", "cross": "crosses"}
     for shape in SHAPES:
-        facts.append(fact(f"How many {plural[shape]} appear in the video?",
+        facts.append(fact(f"How many {_PLURAL[shape]} appear in the video?",
                           sum(obj.shape == shape for obj in scene.objects)))
     for color in COLORS:
         facts.append(fact(f"How many {color} objects appear in the video?",
@@ -902,6 +902,18 @@ _NAMED_OBJECT = re.compile(r"^(?:What pattern does|Which direction does) the ([a
 _FIRST_OR_LAST = re.compile(r"^(?:Which object|What colour is the object that) appears (first|last) in the video\?", re.MULTILINE)
 _WITH_PATTERN = re.compile(r"^(?:Which object has|What colour is the object with) ([a-z]+)\?", re.MULTILINE)
 _BEFORE = re.compile(r"^Does the ([a-z]+ [a-z]+) appear before the ([a-z]+ [a-z]+)\?", re.MULTILINE)
+# "How many objects / circles / red objects appear in the video?": group 1 names what is counted.
+COUNT_QUESTION = re.compile(r"^How many ((?:[a-z]+ )?objects|[a-z]+) appear in the video\?", re.MULTILINE)
+_SINGULAR = {plural: shape for shape, plural in _PLURAL.items()}
+
+
+def counted_objects(scene: Scene, counted: str) -> list[SceneObject]:
+    """The sprites a count question's group 1 ("objects", "circles", "red objects") counts."""
+    if counted == "objects":
+        return list(scene.objects)
+    if counted.endswith(" objects"):
+        return [obj for obj in scene.objects if obj.color == counted.split()[0]]
+    return [obj for obj in scene.objects if obj.shape == _SINGULAR[counted]]
 
 
 def object_patches(obj: SceneObject, t: int, size: int, grid: int) -> list[int]:
@@ -914,7 +926,8 @@ def object_patches(obj: SceneObject, t: int, size: int, grid: int) -> list[int]:
     return [r * grid + c for r in rows for c in columns]
 
 
-def grounding_targets(scene: Scene, question: str, grid: int) -> list[int] | list[list[int]] | None:
+def grounding_targets(scene: Scene, question: str, grid: int, counts: bool = False
+                      ) -> list[int] | list[list[int]] | None:
     """The original tokens the answer to `question` (a user turn's text) is about, as
     indices over the video's frames in order (frame * grid² + patch), or None when its
     answer has no one place.
@@ -926,7 +939,11 @@ def grounding_targets(scene: Scene, question: str, grid: int) -> list[int] | lis
     (`crosslmm.train.grounding`): a sprite's motion, its patches in the first and in the
     last frame it is visible (direction is their difference; its average place over every
     frame says nothing about it); "does A appear before B", A and B in the frames they
-    appear. Counts are about several sprites or about absence: None. The targets of
+    appear. Counts: None, or with `counts` every counted sprite in the frame it appears
+    (each once, so each weighs about the same in T2V's average; a count of 0 has no place:
+    None). Why that can carry a number through a softmax: the sprites are distinct (no two
+    share colour and shape), so the average of k of them is a mixture of k identities,
+    whose spread says k even though its total mass does not. The targets of
     `crosslmm.train.grounding`'s auxiliary loss; like the vision encoder's per-patch
     labels, they come free from the renderer."""
     per_frame = grid * grid
@@ -963,19 +980,24 @@ def grounding_targets(scene: Scene, question: str, grid: int) -> list[int] | lis
     if match:
         first, second = scene.find(match[1]), scene.find(match[2])
         return [at(first, first.start), at(second, second.start)]
+    match = COUNT_QUESTION.search(question) if counts else None
+    if match:
+        targets = dict.fromkeys(i for obj in counted_objects(scene, match[1]) for i in at(obj, visible(obj)[0]))
+        return list(targets) or None  # sprites that touch one patch give it once
     return None
 
 
-def add_grounding(records: Sequence[dict], seed: int, frames: int = 8, size: int = 64, grid: int = 8) -> list[dict]:
+def add_grounding(records: Sequence[dict], seed: int, frames: int = 8, size: int = 64, grid: int = 8,
+                  counts: bool = False) -> list[dict]:
     """Question records with a `grounding` field: per assistant turn, `grounding_targets`
-    of the question before it (null for none). `seed`, `frames` and `size` must be the
-    world's (its scenes are regenerated from the video indices); `grid` the vision
-    encoder's patch grid (the `small` preset's SigLIP: 8)."""
+    of the question before it (null for none; `counts`: count questions get targets too).
+    `seed`, `frames` and `size` must be the world's (its scenes are regenerated from the
+    video indices); `grid` the vision encoder's patch grid (the `small` preset's SigLIP: 8)."""
     out = []
     for record in records:
         scene = scene_for(seed, video_index(record["video"]), frames, size)
         questions = [turn["value"] for turn in record["conversations"] if turn["from"] == "human"]
-        out.append({**record, "grounding": [grounding_targets(scene, q, grid) for q in questions]})
+        out.append({**record, "grounding": [grounding_targets(scene, q, grid, counts) for q in questions]})
     return out
 
 
