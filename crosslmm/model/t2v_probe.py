@@ -98,15 +98,7 @@ class T2VAttentionRecorder:
         slot = hits[found_t].float().argmax(dim=1)  # (R,) flat index into part.query_index
         groups_t, columns_t = slot // part.query_index.shape[1], slot % part.query_index.shape[1]
         found = found_t.tolist()
-        # One softmax per group over that group's own keys (a view): gathering each row's
-        # keys instead would copy them once per row, and a training step grounds hundreds.
-        per_group, order = [], []
-        for g in groups_t.unique().tolist():
-            rows_g = (groups_t == g).nonzero().flatten()  # (R_g,)
-            mask = None if key_mask is None else key_mask[g, columns_t[rows_g]][None]  # (1, R_g, S)
-            probs = module.probabilities(hidden[g, columns_t[rows_g]][None], key[g:g + 1], mask)  # (1, H, R_g, S)
-            per_group.append(probs[0].transpose(0, 1))
-            order.append(rows_g)
-        probabilities = torch.cat(per_group)[torch.cat(order).argsort()]  # (R, H, S), rows in `found` order
+        mask = None if key_mask is None else key_mask[groups_t, columns_t][:, None]  # (R, 1, S)
+        probabilities = module.probabilities(hidden[groups_t, columns_t][:, None], key[groups_t], mask)[:, :, 0]
         self.rows.append(T2VRows(layer.layer_idx, found, probabilities, part.visible_frames[groups_t, columns_t],
                                  part.key_frames.shape[1], context.original_tokens_per_frame))

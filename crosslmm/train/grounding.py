@@ -107,14 +107,10 @@ class T2VAttentionMass(T2VAttentionRecorder):
         super().__init__(model, [(sample, rank) for sample, rank, _ in queries])
         self.targets = [groups for _, _, groups in queries]
 
-    def _layout(self, rows: T2VRows) -> tuple[torch.Tensor, torch.Tensor]:
-        """For `rows`: the (R, H, S) bool mask of each head's own group's targets, and the
-        (R, H, Gmax) weights that average a row's heads within each of its groups (zero
-        columns beyond a row's group count). Built with one scatter each, not per query:
-        a training step grounds hundreds of queries in every T2V layer."""
+    def _head_masses(self, rows: T2VRows) -> torch.Tensor:
+        """(R, H): each head's mass on its own head group's targets."""
         _, heads, originals = rows.probabilities.shape
-        row_index, head_index, target_index = [], [], []
-        weight_row, weight_head, weight_group, weight_value = [], [], [], []
+        on_target = torch.zeros_like(rows.probabilities, dtype=torch.bool)  # (R, H, S)
         for i, query in enumerate(rows.queries):
             groups = self.targets[query]
             if heads % len(groups):
@@ -125,26 +121,7 @@ class T2VAttentionMass(T2VAttentionRecorder):
                     raise ValueError("an empty grounding head group: its heads would have nothing to look at")
                 if max(group) >= originals:
                     raise ValueError(f"grounding targets {max(group)} beyond the sample's {originals} original tokens")
-                for h in range(g * per_group, (g + 1) * per_group):
-                    row_index += [i] * len(group)
-                    head_index += [h] * len(group)
-                    target_index += group
-                    weight_row.append(i), weight_head.append(h), weight_group.append(g)
-                    weight_value.append(1.0 / per_group)
-        device = rows.probabilities.device
-        on_target = torch.zeros(rows.probabilities.shape, dtype=torch.bool, device=device)
-        on_target[torch.tensor(row_index, device=device), torch.tensor(head_index, device=device),
-                  torch.tensor(target_index, device=device)] = True
-        most_groups = max(len(self.targets[query]) for query in rows.queries)
-        weights = torch.zeros(len(rows.queries), heads, most_groups, device=device)
-        weights[torch.tensor(weight_row, device=device), torch.tensor(weight_head, device=device),
-                torch.tensor(weight_group, device=device)] = torch.tensor(weight_value, device=device)
-        return on_target, weights
-
-    def _head_masses(self, rows: T2VRows, on_target: torch.Tensor | None = None) -> torch.Tensor:
-        """(R, H): each head's mass on its own head group's targets."""
-        if on_target is None:
-            on_target, _ = self._layout(rows)
+                on_target[i, g * per_group:(g + 1) * per_group, group] = True
         return (rows.probabilities * on_target).sum(-1)
 
     @property
@@ -158,9 +135,9 @@ class T2VAttentionMass(T2VAttentionRecorder):
         was grounded."""
         terms = []
         for rows in self.rows:
-            on_target, weights = self._layout(rows)
-            group_mass = torch.einsum("rh,rhg->rg", self._head_masses(rows, on_target), weights)  # (R, Gmax)
-            terms.append(group_mass[weights.sum(1) > 0])  # each row's own groups
+            head_mass = self._head_masses(rows)
+            for i, query in enumerate(rows.queries):
+                terms.append(head_mass[i].view(len(self.targets[query]), -1).mean(-1))  # (G,)
         if not terms:
             return None
         return -torch.cat(terms).clamp_min(1e-6).log().mean()
