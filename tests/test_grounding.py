@@ -20,13 +20,14 @@ from crosslmm.synth.world import (
     Balancer,
     add_grounding,
     grounding_targets,
+    letter_hop_records,
     make_questions,
     multiturn_records,
     region_box,
     render,
     scene_for,
 )
-from crosslmm.train.grounding import T2VAttentionMass, grounded_queries
+from crosslmm.train.grounding import T2VAttentionMass, grounded_queries, option_line_ends
 
 FIRST, FRAMES = 10, 2
 
@@ -65,6 +66,17 @@ def test_grounding_options_adds_each_option_lines_last_token():
     assert with_options == [(0, 3, [[7]]), (0, 19, [[1], [2]]), (0, 11, [[1], [2]]), (0, 17, [[1], [2]])]
     # an ungrounded multiple-choice answer grounds none of its options
     assert grounded_queries({**batch, "grounding": [[[7], None]]}, media, texts) == [(0, 3, [[7]])]
+
+
+def test_option_lines_are_found_in_the_prompts_the_world_writes():
+    # `grounding_options` finds option lines by their text ("B. red"): a change to how the
+    # world (or the benchmarks) lay out options must fail here, not silently ground nothing
+    for record in letter_hop_records(3, 40, mc_reply="option-letter"):
+        prompt, options = record["conversations"][0]["value"], record["questions"][0]["options"]
+        ends = option_line_ends(list(prompt))  # one character per token: an index is a character's
+        assert len(ends) == len(options)
+        for end, option, letter in zip(ends, options, "ABCD"):
+            assert prompt[: end + 1].endswith(f"\n{letter}. {option}")
 
 
 def _toy_batch(generator: torch.Generator, model, pattern: torch.Tensor):
