@@ -108,3 +108,27 @@ def test_a_bad_recipe_config_is_refused_with_its_reason():
         load_default_recipe(yaml, ["stages=[{kind: text_hop}]"])
     with pytest.raises(ValueError, match="stated: false is for a text_hop stage"):
         load_default_recipe(yaml, ["stages=[{kind: text_hop, hop_scenes: 8, stated: false, stop_above: 0.9}]"])
+    with pytest.raises(ValueError, match="needs drill_records"):
+        load_default_recipe(yaml, ["stages=[{kind: lookup_drill}]"])
+    with pytest.raises(ValueError, match="no probe to stop on"):
+        load_default_recipe(yaml, ["stages=[{kind: lookup_drill, drill_records: 8, stop_above: 0.9}]"])
+
+
+@pytest.mark.slow
+def test_a_lookup_drill_stage_trains_on_text_before_the_next_stage(tmp_path):
+    out = tmp_path / "run"
+    world = "world: {n: 40, seed: 5, questions_per_video: 4}"
+    config = load_default_recipe(REPO / "configs/synth/default.yaml", [
+        f"out_dir={out}", *TOY[:5],
+        f"stages=[{{kind: lookup_drill, {world}, recipe: text.yaml, drill_records: 48,"
+        f" overrides: [model_overrides.use_v2v=true, model_overrides.use_t2v=true, max_steps=3]}},"
+        f" {{{world}, completion_records: 0, overrides: [max_steps=2]}}]"])
+    model = run_default_recipe(config)
+    drills = json.loads((out / "stage0" / "train.json").read_text())
+    assert len(drills) == 48 and all("video" not in r and len(r["conversations"]) == 8 for r in drills)
+    assert not (out / "stage0" / "train" / "probe.jsonl").exists()  # unprobed
+    # it trained (its language model moved from the init), and the next stage started from it
+    init, drilled = (load_file(out / p / "model.safetensors") for p in ("init", "stage0/train/model"))
+    assert any(not torch.equal(init[k], drilled[k]) for k in init if k.startswith("language_model."))
+    assert f"model: {out / 'stage0' / 'train' / 'model'}" in (out / "stage1" / "train" / "recipe.yaml").read_text()
+    assert (model / "model.safetensors").exists()

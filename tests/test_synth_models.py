@@ -456,6 +456,32 @@ def test_option_completion_gives_the_first_word_and_teaches_the_copy_of_the_rest
         # the given word names exactly one option: the rest of the reply follows from the prompt
         assert [o.split()[0] for o in options.values()].count(gpt["given"]) == 1
 
+def test_lookup_drill_asks_each_record_its_options_four_times():
+    from crosslmm.synth.world import LETTER_HOP_PREFIX, MC_OPTION_TEXTS, letter_hop_records, lookup_drill_records
+
+    # its options are the world's: every option a hop record shows is one of them
+    shown = {o for r in letter_hop_records(0, 300, mc_reply="option-letter") for o in r["questions"][0]["options"]}
+    assert shown <= set(MC_OPTION_TEXTS) and len(set(MC_OPTION_TEXTS)) == len(MC_OPTION_TEXTS) == 49
+    records = lookup_drill_records(0, 50)
+    assert records == lookup_drill_records(0, 50) and len({r["id"] for r in records}) == 50
+    letters = []
+    for record in records:
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * 4 and "video" not in record
+        first = turns[0]["value"].split("\n")
+        options = dict(line.split(". ", 1) for line in first[1:5])
+        assert list(options) == ["A", "B", "C", "D"] and len(set(options.values())) == 4
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            stated = human["value"].split("\n")[0]
+            assert stated.startswith(LETTER_HOP_PREFIX) and "given" not in gpt  # the whole reply is learned
+            text, letter = gpt["value"].rsplit(" (", 1)
+            assert text == stated[len(LETTER_HOP_PREFIX):-1] and options[letter[:-1]] == text
+            letters.append(letter[:-1])
+        assert all("\n" not in t["value"] for t in turns[2::2])  # later turns: the statement alone
+    assert min(letters.count(x) for x in "ABCD") > 30  # 200 lookups, no letter favoured
+    assert not {r["id"] for r in lookup_drill_records(0, 10, first=50)} & {r["id"] for r in records}
+
+
 @pytest.mark.parametrize("caption_as_answer", [False, True])
 def test_text_world_evaluation_asks_every_question_after_its_caption(tmp_path, caption_as_answer):
     from crosslmm.infer import load

@@ -12,8 +12,8 @@ One YAML file (`configs/synth/default.yaml`) says everything, and the run does, 
    the answer stated before half the multiple-choice questions (`state_mc_answers`),
    per answer the originals it is about (`add_grounding`, for the T2V grounding loss),
    and option-completion text records (`option_completion_records`), after optional
-   text-only stages on the stated option-letter hop and the unstated copy
-   (`letter_hop_records`);
+   text-only stages: the lookup drill (`lookup_drill_records`), the stated option-letter
+   hop and the unstated copy (`letter_hop_records`);
 5. writes `timings.json` (wall seconds of every step: the budget the recipe is held to)
    and, with `export.out`, the final model in `export.dtype` scored on a world's
    held-out split (`export_model`, as the ablation runner bundles a variant).
@@ -67,7 +67,10 @@ class VisionSpec:
 @dataclass
 class StageSpec:
     """One training stage. `questions`: the world's video questions (scaffold, grounding,
-    option completion). `text_hop`: the stated option-letter hop as text only
+    option completion). `lookup_drill`: the stated hop's lookup without a question, four
+    per record on random options (`lookup_drill_records`), text only and unprobed: before
+    the stated hop, it makes the hop cross in about 1,000 steps where a model from scratch
+    sits at chance for 6,000 or more. `text_hop`: the stated option-letter hop as text only
     (`letter_hop_records`, in the world's reply style; the world gives only its seed),
     which a from-scratch language model crosses after a plateau: cheaper in text than
     inside video records (docs/synthetic.md, "from scratch in one run"). With `stated:
@@ -78,7 +81,7 @@ class StageSpec:
     a generated reply cannot know the option text, so only the teacher-forced copy says
     whether it is learned."""
 
-    kind: str = "questions"  # questions | text_hop
+    kind: str = "questions"  # questions | text_hop | lookup_drill
     world: WorldSpec = field(default_factory=WorldSpec)
     recipe: str | None = None  # this stage's recipe (relative to the YAML's folder); None: the top-level one
     stated_fraction: float = 0.5  # multiple-choice questions with the answer stated first (the scaffold)
@@ -86,6 +89,7 @@ class StageSpec:
     ground_counts: bool = False  # count questions get grounding targets too (world.grounding_targets' `counts`)
     hop_scenes: int = 0  # text_hop: training scenes (one record each)
     hop_probe: int = 150  # text_hop: held-out scenes after them, probed while it trains
+    drill_records: int = 0  # lookup_drill: training records (`lookup_drill_records`, four lookups each)
     stated: bool = True  # text_hop: the answer stated before the options; false: the unstated copy
     stop_above: float | None = None  # end the stage once its probe reaches this
     overrides: list[str] = field(default_factory=list)  # key=value for `crosslmm train` (e.g. epochs=4)
@@ -128,8 +132,10 @@ def load_default_recipe(path: str | Path, overrides: list[str] | None = None) ->
     if not config.stages:
         raise ValueError(f"{path} defines no stages")
     for stage in config.stages:
-        if stage.kind not in ("questions", "text_hop"):
-            raise ValueError(f"stage kind {stage.kind!r}: choose questions or text_hop")
+        if stage.kind not in ("questions", "text_hop", "lookup_drill"):
+            raise ValueError(f"stage kind {stage.kind!r}: choose questions, text_hop or lookup_drill")
+        if stage.kind == "lookup_drill" and (not stage.drill_records or stage.stop_above is not None):
+            raise ValueError("a lookup_drill stage needs drill_records, and has no probe to stop on (stop_above)")
         if stage.kind == "text_hop" and not stage.hop_scenes:
             raise ValueError("a text_hop stage needs hop_scenes")
         if not stage.stated and (stage.kind != "text_hop" or stage.stop_above is not None):
@@ -182,13 +188,21 @@ def prepare_vision(config: DefaultRecipeConfig, world: Path, folder: Path) -> Pa
 def stage_records(world: Path, spec: StageSpec, out: Path) -> Path:
     """The stage's training records (written whole or not at all); media paths stay
     relative to the world."""
-    from crosslmm.synth.world import add_grounding, letter_hop_records, option_completion_records, state_mc_answers
+    from crosslmm.synth.world import (
+        add_grounding,
+        letter_hop_records,
+        lookup_drill_records,
+        option_completion_records,
+        state_mc_answers,
+    )
 
     target = out / "train.json"
     if target.exists():
         return target
     w = spec.world
-    if spec.kind == "text_hop":
+    if spec.kind == "lookup_drill":
+        records = lookup_drill_records(w.seed, spec.drill_records, mc_reply=w.mc_reply)
+    elif spec.kind == "text_hop":
         records = letter_hop_records(w.seed, spec.hop_scenes, w.frames, w.size, mc_reply=w.mc_reply,
                                      stated=spec.stated)
         heldout = letter_hop_records(w.seed, spec.hop_probe, w.frames, w.size, first=spec.hop_scenes,
@@ -283,11 +297,11 @@ def run_default_recipe(config: DefaultRecipeConfig, command: str | None = None) 
             probe = [f"probe.every={config.probe.every}", "probe.kind=questions", f"probe.data={world / 'test.json'}",
                      f"probe.limit={config.probe.questions}"]
         probe = probe + [f"probe.stop_above={stage.stop_above}"] * (stage.stop_above is not None)
-        probe = probe if config.probe.every and stage.stated else []
+        probe = probe if config.probe.every and stage.stated and stage.kind != "lookup_drill" else []
         resume = ["resume=latest"] if (stage_dir / "train" / "checkpoints" / "latest").exists() else []
         train_config = load_train_config(stage.recipe, [
             f"model={model}", f"output_dir={stage_dir / 'train'}", f"data.train={records}",
-            *([] if stage.kind == "text_hop" else  # no media
+            *([] if stage.kind in ("text_hop", "lookup_drill") else  # no media
               [f"data.media_root={world}", f"feature_cache={stage_dir.parent / 'feature_cache' / world.name}"]),
             f"seed={config.seed}", *probe, *stage.overrides, *resume,
         ])

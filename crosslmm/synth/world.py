@@ -590,6 +590,8 @@ def mc_reply(options: Sequence[str], letter: str, style: str) -> str:
     return reply if style == "option-letter" else MC_SENTENCE_PREFIX + reply
 
 
+_mc_reply_for = mc_reply  # for functions whose `mc_reply` argument (the style's name) hides it
+
 def restyle_mc(record: dict, style: str) -> dict:
     """`record` (one question, as in `<split>.json`) with its multiple-choice instruction
     and reply in `style`; short answers unchanged. Lets one rendered world train both
@@ -1101,6 +1103,43 @@ def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, f
         records.append({"id": f"hop{index:07d}", "type": "text_world", "questions": [
             {k: record[k] for k in ("type", "form", "answer", "options")}], "conversations": [
             {"from": "human", "value": statement + question}, reply]})
+    return records
+
+
+# Every option text a multiple-choice question of the world can show (49): what the lookup
+# drill draws its options from.
+MC_OPTION_TEXTS: tuple[str, ...] = (*COLORS, *SHAPES, *PATTERNS, *DIRECTIONS, STATIC_OPTION,
+                                    *(str(k) for k in range(6)), *_ALL_NAMES)
+
+
+def lookup_drill_records(seed: int, count: int, queries: int = 4, first: int = 0,
+                         mc_reply: str = "option-letter") -> list[dict]:
+    """The stated option-letter hop without a question, `queries` times per record: four
+    options drawn at random from every option text of the world (`MC_OPTION_TEXTS`), then
+    turns "The answer is X." -> "X (L)", the first with the options and the reply
+    instruction, the next ones the statement alone (the same options).
+
+    Why: a from-scratch language model sits at chance on the hop (`letter_hop_records`)
+    for 6,000-9,750 steps before it crosses. On these records it starts to find the letter
+    by about 2,200 steps, and from there the hop crosses in about 1,000 steps
+    (docs/synthetic.md, "2026-12-07 (tenth session)"): the circuit both need (find the
+    option whose text is the stated answer, read the letter two tokens before it) forms
+    sooner with four letters per record, no question between the statement and the
+    options and options of every kind mixed. Answers are drawn with replacement, so a
+    later turn may repeat an earlier one (its letter is then also in an earlier reply)."""
+    style_suffix, pool = MC_SUFFIXES[mc_reply], sorted(MC_OPTION_TEXTS)
+    records = []
+    for i in range(first, first + count):
+        rng = np.random.default_rng([seed, 77, i])
+        options = [pool[j] for j in rng.choice(len(pool), size=len(LETTERS), replace=False)]
+        lines = "\n".join(f"{letter}. {text}" for letter, text in zip(LETTERS, options))
+        conversations = []
+        for turn, pick in enumerate(rng.integers(0, len(LETTERS), size=queries)):
+            statement = f"{LETTER_HOP_PREFIX}{options[pick]}."
+            prompt = f"{statement}\n{lines}\n{style_suffix}" if turn == 0 else statement
+            conversations += [{"from": "human", "value": prompt},
+                              {"from": "gpt", "value": _mc_reply_for(options, LETTERS[pick], mc_reply)}]
+        records.append({"id": f"drill{i}", "type": "text_world", "conversations": conversations})
     return records
 
 
