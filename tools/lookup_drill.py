@@ -46,7 +46,7 @@ def main() -> None:
         args = argparse.Namespace(model=Path(sys.argv[2]), checkpoint=sys.argv[3])
         model, processor = load_probed(args)
         held = lookup_drill_records(16, int(sys.argv[4]), first=10_000_000)
-        print(json.dumps({"checkpoint": args.checkpoint, "records": len(held),
+        print(json.dumps({"model": str(args.model), "checkpoint": args.checkpoint, "records": len(held),
                           "letter_accuracy": letter_accuracy(model, processor, held)}))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
