@@ -456,6 +456,7 @@ def test_option_completion_gives_the_first_word_and_teaches_the_copy_of_the_rest
         # the given word names exactly one option: the rest of the reply follows from the prompt
         assert [o.split()[0] for o in options.values()].count(gpt["given"]) == 1
 
+
 def test_lookup_drill_asks_each_record_its_options_four_times():
     from crosslmm.synth.world import LETTER_HOP_PREFIX, MC_OPTION_TEXTS, letter_hop_records, lookup_drill_records
 

@@ -4,7 +4,7 @@ answer was not asked before in the record ("new": only the options hold the lett
 repeats (an earlier reply holds it too).
 
     python tools/lookup_drill.py OUT.json COUNT [--seed S] [--queries Q] [--first F]
-    python tools/lookup_drill.py --measure MODEL CHECKPOINT|- N   # teacher-forced letters, N held-out records
+    python tools/lookup_drill.py --measure MODEL CHECKPOINT|- N   # teacher-forced, N held-out records of seed 16
 """
 
 from __future__ import annotations

@@ -69,8 +69,8 @@ class StageSpec:
     """One training stage. `questions`: the world's video questions (scaffold, grounding,
     option completion). `lookup_drill`: the stated hop's lookup without a question, four
     per record on random options (`lookup_drill_records`), text only and unprobed: before
-    the stated hop, it makes the hop cross in about 1,000 steps where a model from scratch
-    sits at chance for 6,000 or more. `text_hop`: the stated option-letter hop as text only
+    the stated hop, 2,000 of its steps made the hop cross in 1,500 where a model from
+    scratch sat at chance for 6,000 or more. `text_hop`: the stated option-letter hop as text only
     (`letter_hop_records`, in the world's reply style; the world gives only its seed),
     which a from-scratch language model crosses after a plateau: cheaper in text than
     inside video records (docs/synthetic.md, "from scratch in one run"). With `stated:

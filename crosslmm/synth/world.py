@@ -592,6 +592,7 @@ def mc_reply(options: Sequence[str], letter: str, style: str) -> str:
 
 _mc_reply_for = mc_reply  # for functions whose `mc_reply` argument (the style's name) hides it
 
+
 def restyle_mc(record: dict, style: str) -> dict:
     """`record` (one question, as in `<split>.json`) with its multiple-choice instruction
     and reply in `style`; short answers unchanged. Lets one rendered world train both
@@ -1120,12 +1121,12 @@ def lookup_drill_records(seed: int, count: int, queries: int = 4, first: int = 0
     instruction, the next ones the statement alone (the same options).
 
     Why: a from-scratch language model sits at chance on the hop (`letter_hop_records`)
-    for 6,000-9,750 steps before it crosses. On these records it starts to find the letter
-    by about 2,200 steps, and from there the hop crosses in about 1,000 steps
-    (docs/synthetic.md, "2026-12-07 (tenth session)"): the circuit both need (find the
-    option whose text is the stated answer, read the letter two tokens before it) forms
-    sooner with four letters per record, no question between the statement and the
-    options and options of every kind mixed. Answers are drawn with replacement, so a
+    for about 6,000 steps and reaches 90 % at 7,500-9,750. On these records it starts to
+    find the letter by about 2,200 steps, and after 2,000-3,250 of them the hop crosses in
+    1,000-1,500 steps (docs/synthetic.md, "2026-12-07 (tenth session)"). Both need one
+    circuit (find the option whose text is the stated answer, read the letter two tokens
+    before it); here it has four letters per record to learn from, no question between
+    the statement and the options, and options of every kind mixed. Answers are drawn with replacement, so a
     later turn may repeat an earlier one (its letter is then also in an earlier reply)."""
     style_suffix, pool = MC_SUFFIXES[mc_reply], sorted(MC_OPTION_TEXTS)
     records = []
