@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from crosslmm.model.modeling import sincos_2d_table
-from crosslmm.synth.default_recipe import load_default_recipe, run_default_recipe
+from crosslmm.synth.default_recipe import load_default_recipe, run_default_recipe, stage_records
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = ["vision.scenes=16", "vision.heldout=4", "vision.steps=8", "probe.every=2", "probe.questions=6",
@@ -112,6 +112,29 @@ def test_a_bad_recipe_config_is_refused_with_its_reason():
         load_default_recipe(yaml, ["stages=[{kind: lookup_drill}]"])
     with pytest.raises(ValueError, match="no probe to stop on"):
         load_default_recipe(yaml, ["stages=[{kind: lookup_drill, drill_records: 8, stop_above: 0.9}]"])
+    with pytest.raises(ValueError, match="copy_stated_fraction is for a text_hop stage with stated: false"):
+        load_default_recipe(yaml, ["stages=[{kind: text_hop, hop_scenes: 8, copy_stated_fraction: 0.25}]"])
+    with pytest.raises(ValueError, match="copy_stated_fraction is for a text_hop stage with stated: false"):
+        load_default_recipe(yaml, ["stages=[{kind: text_hop, hop_scenes: 8, stated: false, copy_stated_fraction: 1.5}]"])
+
+
+def test_the_unstated_copy_keeps_a_fraction_of_stated_records(tmp_path):
+    """copy_stated_fraction swaps that share of the copy's records for the stated hop's
+    record of the same scene: the reply's first word is then learned in those, and every
+    other record is the unstated copy, its option text given."""
+    config = load_default_recipe(REPO / "configs/synth/default.yaml", [
+        "stages=[{kind: text_hop, world: {seed: 5}, hop_scenes: 400, stated: false, copy_stated_fraction: 0.25}]"])
+    records = json.loads(stage_records(tmp_path, config.stages[0], tmp_path / "stage").read_text())
+    stated = [r for r in records if r["conversations"][0]["value"].startswith("The answer is ")]
+    unstated = [r for r in records if r not in stated]
+    assert len(records) == 400 and 0.18 < len(stated) / 400 < 0.32
+    assert all("given" not in r["conversations"][1] for r in stated)
+    assert all(r["conversations"][1]["given"] for r in unstated)
+    for r in stated:  # the stated record of the same scene: the same question and reply
+        answer = r["conversations"][0]["value"].split("\n", 1)[0].removeprefix("The answer is ").rstrip(".")
+        assert r["conversations"][1]["value"].startswith(answer + " (")
+    ids = [r["id"] for r in records]
+    assert len(set(ids)) == 400  # one record per scene
 
 
 @pytest.mark.slow

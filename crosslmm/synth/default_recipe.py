@@ -91,6 +91,11 @@ class StageSpec:
     hop_probe: int = 150  # text_hop: held-out scenes after them, probed while it trains
     drill_records: int = 0  # lookup_drill: training records (`lookup_drill_records`, four lookups each)
     stated: bool = True  # text_hop: the answer stated before the options; false: the unstated copy
+    # The unstated copy: this fraction of its records state the answer (the stated hop's
+    # record of the same scene), so the reply's first word is learned somewhere. Without
+    # any, the copy stage learns only " (B)" and its model predicts " (" at every reply
+    # start with near certainty, which the video stage must first unlearn.
+    copy_stated_fraction: float = 0.0
     stop_above: float | None = None  # end the stage once its probe reaches this
     overrides: list[str] = field(default_factory=list)  # key=value for `crosslmm train` (e.g. epochs=4)
 
@@ -140,6 +145,8 @@ def load_default_recipe(path: str | Path, overrides: list[str] | None = None) ->
             raise ValueError("a text_hop stage needs hop_scenes")
         if not stage.stated and (stage.kind != "text_hop" or stage.stop_above is not None):
             raise ValueError("stated: false is for a text_hop stage, without stop_above (the unstated copy has no probe)")
+        if stage.copy_stated_fraction and (stage.stated or not 0 < stage.copy_stated_fraction < 1):
+            raise ValueError("copy_stated_fraction is for a text_hop stage with stated: false, in (0, 1)")
         stage.recipe = str((path.parent / stage.recipe).resolve()) if stage.recipe else config.recipe
     return config
 
@@ -205,6 +212,9 @@ def stage_records(world: Path, spec: StageSpec, out: Path) -> Path:
     elif spec.kind == "text_hop":
         records = letter_hop_records(w.seed, spec.hop_scenes, w.frames, w.size, mc_reply=w.mc_reply,
                                      stated=spec.stated)
+        if spec.copy_stated_fraction:
+            stated = letter_hop_records(w.seed, spec.hop_scenes, w.frames, w.size, mc_reply=w.mc_reply)
+            records = with_stated_records(records, stated, spec.copy_stated_fraction, w.seed)
         heldout = letter_hop_records(w.seed, spec.hop_probe, w.frames, w.size, first=spec.hop_scenes,
                                      mc_reply=w.mc_reply, stated=spec.stated)
         _write(out / "heldout.json", heldout)
@@ -215,6 +225,16 @@ def stage_records(world: Path, spec: StageSpec, out: Path) -> Path:
         if spec.completion_records:
             records += option_completion_records(w.seed, spec.completion_records, w.frames, w.size)
     return _write(target, records)
+
+
+def with_stated_records(unstated: list[dict], stated: list[dict], fraction: float, seed: int) -> list[dict]:
+    """The unstated copy's records with `fraction` of them (drawn with `seed`) replaced by
+    the stated hop's record of the same scene (the same id)."""
+    import numpy as np
+
+    by_id = {record["id"]: record for record in stated}
+    chosen = np.random.default_rng([seed, 91]).random(len(unstated)) < fraction
+    return [by_id[record["id"]] if pick else record for record, pick in zip(unstated, chosen)]
 
 
 def _write(target: Path, records: list[dict]) -> Path:
