@@ -211,10 +211,7 @@ def stage_records(world: Path, spec: StageSpec, out: Path) -> Path:
         records = lookup_drill_records(w.seed, spec.drill_records, mc_reply=w.mc_reply)
     elif spec.kind == "text_hop":
         records = letter_hop_records(w.seed, spec.hop_scenes, w.frames, w.size, mc_reply=w.mc_reply,
-                                     stated=spec.stated)
-        if spec.copy_stated_fraction:
-            stated = letter_hop_records(w.seed, spec.hop_scenes, w.frames, w.size, mc_reply=w.mc_reply)
-            records = with_stated_records(records, stated, spec.copy_stated_fraction, w.seed)
+                                     stated=spec.stated, stated_fraction=spec.copy_stated_fraction)
         heldout = letter_hop_records(w.seed, spec.hop_probe, w.frames, w.size, first=spec.hop_scenes,
                                      mc_reply=w.mc_reply, stated=spec.stated)
         _write(out / "heldout.json", heldout)
@@ -225,16 +222,6 @@ def stage_records(world: Path, spec: StageSpec, out: Path) -> Path:
         if spec.completion_records:
             records += option_completion_records(w.seed, spec.completion_records, w.frames, w.size)
     return _write(target, records)
-
-
-def with_stated_records(unstated: list[dict], stated: list[dict], fraction: float, seed: int) -> list[dict]:
-    """The unstated copy's records with `fraction` of them (drawn with `seed`) replaced by
-    the stated hop's record of the same scene (the same id)."""
-    import numpy as np
-
-    by_id = {record["id"]: record for record in stated}
-    chosen = np.random.default_rng([seed, 91]).random(len(unstated)) < fraction
-    return [by_id[record["id"]] if pick else record for record, pick in zip(unstated, chosen)]
 
 
 def _write(target: Path, records: list[dict]) -> Path:

@@ -1053,7 +1053,7 @@ LETTER_HOP_PREFIX = "The answer is "
 
 def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, first: int = 0,
                        families: Sequence[str] | None = None, mc_reply: str = "letter",
-                       stated: bool = True) -> list[dict]:
+                       stated: bool = True, stated_fraction: float = 0.0) -> list[dict]:
     """The option-letter hop alone, as text: per fresh scene one multiple-choice question
     of the world, its answer stated before it ("The answer is up."), the option letter as
     the reply.
@@ -1077,11 +1077,19 @@ def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, f
     the statement against the options, a copy that does not carry over to video
     questions (docs/synthetic.md, "2026-12-04"). The reply's option text is then `given`
     (context, not learned: see `crosslmm.data.processor`), so the model is not also
-    taught that a question's answer is a guess."""
+    taught that a question's answer is a guess.
+
+    `stated_fraction` (with `stated=False`): that share of the records, drawn apart from
+    the scenes' own draws, state the answer anyway and learn the whole reply, so a reply's
+    start is learned somewhere; without any, a model trained on these alone comes to
+    predict " (" there with near certainty (docs/synthetic.md, "eleventh session")."""
     if not stated and mc_reply == "letter":
         raise ValueError("stated=False needs a reply style with the option's text (option-letter or sentence): "
                          "a bare letter is unknowable without the answer")
+    if stated_fraction and (stated or not 0 < stated_fraction < 1):
+        raise ValueError("stated_fraction is for stated=False, in (0, 1)")
     balancer, records = Balancer(), []
+    states = np.random.default_rng([seed, 91])  # one draw per record written, when stated_fraction is set
     for i in range(first, first + count):
         index = TEXT_WORLD_FIRST_INDEX + i
         rng = np.random.default_rng([seed, 4, index])
@@ -1097,9 +1105,10 @@ def letter_hop_records(seed: int, count: int, frames: int = 8, size: int = 64, f
         balancer.answers[family, "mc", fact.answer] += 1
         record = _mc_record(fact, rng, balancer, mc_reply)
         question = record["conversations"][0]["value"].replace("<video>\n", "", 1)
-        statement = f"{LETTER_HOP_PREFIX}{fact.answer}.\n" if stated else ""
+        stated_here = stated or (stated_fraction > 0 and states.random() < stated_fraction)
+        statement = f"{LETTER_HOP_PREFIX}{fact.answer}.\n" if stated_here else ""
         reply = {"from": "gpt", "value": record["conversations"][1]["value"]}
-        if not stated:
+        if not stated_here:
             reply = _option_text_given(reply)
         records.append({"id": f"hop{index:07d}", "type": "text_world", "questions": [
             {k: record[k] for k in ("type", "form", "answer", "options")}], "conversations": [
