@@ -31,8 +31,8 @@ def test_default_recipe_builds_trains_exports_and_resumes(tmp_path):
     model = run_default_recipe(config)
 
     timings = json.loads((out / "timings.json").read_text())
-    assert list(timings) == ["world 0", "world 1", "world 2", "vision", "init", "stage 0", "stage 1", "stage 2",
-                             "export"]
+    assert list(timings) == ["world 0", "world 1", "world 2", "vision", "init", "records 0", "stage 0",
+                             "records 1", "stage 1", "records 2", "stage 2", "export"]
     # The trained model reads its videos through the encoder pretrained in this run,
     # with the YAML's architecture.
     vision = load_file(out / "vision" / "model.safetensors")

@@ -296,7 +296,8 @@ def run_default_recipe(config: DefaultRecipeConfig, command: str | None = None) 
         if (done / "model.safetensors").exists():
             model = done
             continue
-        records = stage_records(world, stage, stage_dir)
+        records = _timed(timings, f"records {i}", timings_file,
+                         lambda s=stage, w=world, d=stage_dir: stage_records(w, s, d))
         if stage.kind == "text_hop":
             probe = [f"probe.every={config.probe.every}", "probe.kind=text", f"probe.data={stage_dir / 'heldout.json'}",
                      f"probe.limit={stage.hop_probe}"]
