@@ -125,6 +125,21 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(workspace, tmp_p
     assert result.exit_code != 0 and "global batch" in str(result.exception)
 
 
+def test_training_flushes_subnormal_floats_unless_told_not_to(workspace, tmp_path):
+    """Subnormals cost x86 cores 10-100x per operation, and trained cross-attention makes
+    many (docs/performance.md): training flushes them by default; the recipe can keep them."""
+    def subnormal() -> float:
+        return float(torch.tensor([1e-39]) * 1.0)
+
+    try:
+        _run(_args(workspace, "stage1.yaml", tmp_path / "flushed", max_steps=1))
+        assert subnormal() == 0.0
+        _run(_args(workspace, "stage1.yaml", tmp_path / "kept", max_steps=1, flush_denormal=False))
+        assert subnormal() > 0.0
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_constant_schedule_holds_the_peak_learning_rate_after_warmup(workspace, tmp_path):
     out = tmp_path / "constant"
     _run(_args(workspace, "stage1.yaml", out, max_steps=4, epochs=4, **{"optim.schedule": "constant",

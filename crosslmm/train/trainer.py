@@ -261,6 +261,7 @@ def setup(config: TrainConfig) -> Run:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)],
     )
     set_seed(config.seed)
+    torch.set_flush_denormal(config.flush_denormal)  # CPU only; a no-op on GPU kernels
     world = accelerator.num_processes
 
     model = load_model(config)
