@@ -4,6 +4,7 @@ budget (the same code path as the 2-hour run, with a world of 40 videos)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from crosslmm.model.modeling import sincos_2d_table
-from crosslmm.synth.default_recipe import load_default_recipe, run_default_recipe, stage_records
+from crosslmm.synth.default_recipe import _timed, load_default_recipe, run_default_recipe, stage_records
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = ["vision.scenes=16", "vision.heldout=4", "vision.steps=8", "probe.every=2", "probe.questions=6",
@@ -155,3 +156,24 @@ def test_a_lookup_drill_stage_trains_on_text_before_the_next_stage(tmp_path):
     assert any(not torch.equal(init[k], drilled[k]) for k in init if k.startswith("language_model."))
     assert f"model: {out / 'stage0' / 'train' / 'model'}" in (out / "stage1" / "train" / "recipe.yaml").read_text()
     assert (model / "model.safetensors").exists()
+
+
+def test_timings_keep_the_time_of_a_step_cut_off_by_an_interruption(tmp_path):
+    """A stage killed mid-way resumes from its last checkpoint, so the time it had spent
+    must already be on disk: the total is written while the step runs, and a resumed step
+    adds to it."""
+    path, timings = tmp_path / "timings.json", {"world 0": 1.0}
+
+    def killed_after_a_while():
+        time.sleep(0.35)
+        seen = json.loads(path.read_text())  # what a kill at this moment would leave
+        assert seen["world 0"] == 1.0 and 0.1 <= seen["stage 0"] <= 0.5
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _timed(timings, "stage 0", path, killed_after_a_while, every=0.1)
+    spent = json.loads(path.read_text())["stage 0"]
+    assert spent >= 0.3
+    resumed = json.loads(path.read_text())
+    assert _timed(resumed, "stage 0", path, lambda: "model", every=0.1) == "model"
+    assert spent <= json.loads(path.read_text())["stage 0"] < spent + 0.5

@@ -22,8 +22,9 @@ Every step is resumable: a finished step is skipped, an interrupted training sta
 resumes exactly from its last checkpoint. A changed YAML refuses to continue an output
 folder trained with another one (start a new `out_dir`), except for the length of a
 text-hop stage (a constant rate: raised before the stage ends, it trains on).
-`timings.json` adds up the steps that finished; the part of a stage cut off by an
-interruption is trained again from its last checkpoint and is not in it.
+`timings.json` adds up every step's wall time, written as it runs: a stage cut off by an
+interruption keeps what it had spent, and the part after its last checkpoint, trained
+again on resume, is counted twice.
 
 Why a recipe of its own, and not the ablation runner's: the runner shares one text
 base and one encoder among ten variants, a curriculum of tens of thousands of steps;
@@ -34,6 +35,7 @@ scratch in one run").
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -242,13 +244,33 @@ def _with_new_fields(stored: dict) -> dict:
                                  for stage in stored.get("stages", [])]}
 
 
-def _timed(timings: dict, name: str, path: Path, work):
-    """Run `work()` and add its wall seconds to `timings[name]` (summed over resumes)."""
-    started = time.perf_counter()
-    result = work()
-    timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - started, 1)
-    path.write_text(json.dumps(timings, indent=2))
-    return result
+def _timed(timings: dict, name: str, path: Path, work, every: float = 30.0):
+    """Run `work()` and add its wall seconds to `timings[name]` (summed over resumes).
+
+    The running total is written every `every` seconds while `work` runs, so a stage that
+    an interruption cuts off keeps the time it had spent: its checkpointed steps are not
+    trained again, and their time would otherwise be missing from the recipe's total. What
+    it counts twice is the part after its last checkpoint (one `save_every` at most)."""
+    from crosslmm.train.state import write_atomically
+
+    base, started, finished = timings.get(name, 0.0), time.perf_counter(), threading.Event()
+
+    def write() -> None:
+        timings[name] = round(base + time.perf_counter() - started, 1)
+        write_atomically(path, json.dumps(timings, indent=2))  # a kill while writing must not lose the file
+
+    def tick() -> None:
+        while not finished.wait(every):
+            write()
+
+    ticker = threading.Thread(target=tick, name=f"timings: {name}", daemon=True)
+    ticker.start()
+    try:
+        return work()
+    finally:
+        finished.set()
+        ticker.join()
+        write()
 
 
 def run_default_recipe(config: DefaultRecipeConfig, command: str | None = None) -> Path:

@@ -143,7 +143,7 @@ def save_checkpoint(
             os.replace(folder, old)
         os.replace(tmp, folder)
         _fsync_dir(folder.parent)
-        _write_atomically(folder.parent / LATEST, folder.name + "\n")
+        write_atomically(folder.parent / LATEST, folder.name + "\n")
         shutil.rmtree(old, ignore_errors=True)
     barrier()
 
@@ -216,7 +216,9 @@ def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value))
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a reader, or a run killed while writing, sees the
+    old file or the new one, never half of it."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     _fsync(tmp)
