@@ -100,7 +100,7 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # CPU math flushes subnormal floats (below 1.2e-38) to zero. x86 cores compute on them 10-100
     # times slower, and a softmax that has learned to look at a few of 512 originals makes many:
-    # off, the synthetic world's video steps ran 2.4x slower (docs/performance.md, "subnormal floats").
+    # off, a trained synthetic-world video step ran 1.66x slower on two threads (docs/performance.md).
     flush_denormal: bool = True
     export_dtype: str = "bfloat16"  # the final model's weights: bfloat16 (inference) | float32 (a next stage's start)
 
