@@ -1,0 +1,69 @@
+"""Does the query that answers "What pattern does the X have?" hold the pattern? Linear probes on it.
+
+The from-scratch models answer this kind of question about half the time, although their
+originals carry a patch's pattern (95 %) and T2V puts most of its attention on the named
+sprite (docs/synthetic.md, thirteenth session). For the first N short-answer questions of
+that kind in a synthetic world's `test.json` (`--split train`: its training records), the residual stream of the token that
+predicts the answer after each decoder layer, and a linear classifier per layer for the
+true pattern (four, chance about 25 %), fitted on the first 70 % and scored on the rest
+(`query_quadrant_probe.fit_and_score`). A layer after a T2V block where the probe reads
+the pattern well, while the model's reply does not, says the language model does not use
+what T2V brought; a probe at chance everywhere says the read itself loses it.
+
+    python tools/pattern_readout_probe.py MODEL CHECKPOINT|- DATA_ROOT N [--split train]
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from crosslmm.data.processor import IGNORE_INDEX
+from probe_model import load_probed, parser
+from query_quadrant_probe import fit_and_score
+
+PATTERNS = ["plain", "checks", "dots", "stripes"]
+
+
+@torch.no_grad()
+def main() -> None:
+    cli = parser(__doc__)
+    cli.add_argument("--split", default="test", help="test (held-out videos) or train: more questions, same read")
+    args = cli.parse_args()
+    model, processor = load_probed(args)
+    records = json.loads((args.records / f"{args.split}.json").read_text())
+    states, truth, said = [], [], []
+    answer_ids = [processor.tokenizer.encode(p, add_special_tokens=False)[0] for p in PATTERNS]
+    for record in records:
+        if len(states) == args.n:
+            break
+        if record["form"] != "short" or not record["conversations"][0]["value"].startswith("<video>\nWhat pattern"):
+            continue
+        item = processor.encode_record(record, args.records)
+        query = int((item["labels"] != IGNORE_INDEX).nonzero()[0]) - 1  # the token that predicts the answer
+        outputs = []  # each decoder layer's output, (1, L_llm, D)
+        hooks = [layer.register_forward_hook(lambda _m, _i, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+                 for layer in model.decoder_layers]
+        try:
+            logits = model(input_ids=item["input_ids"][None], pixel_values=item["pixel_values"],
+                           media_num_frames=item["media_num_frames"]).logits
+        finally:
+            for hook in hooks:
+                hook.remove()
+        spliced = outputs[0].shape[1] - item["input_ids"].shape[0]  # visual tokens minus their placeholders
+        states.append(torch.stack([h[0, query + spliced] for h in outputs]))  # (layers, D)
+        truth.append(PATTERNS.index(record["answer"]))
+        said.append(int(logits[0, query + spliced, answer_ids].argmax()))
+    x, y = torch.stack(states).float(), torch.tensor(truth)
+    cut = int(len(y) * 0.7)
+    print(json.dumps({
+        "model": str(args.model), "checkpoint": args.checkpoint, "split": args.split, "questions": len(states),
+        "majority class, held-out part": round(float((y[cut:] == y[:cut].mode().values).float().mean()), 3),
+        "the model's own pick among the four words, held-out part": round(float((torch.tensor(said)[cut:] == y[cut:]).float().mean()), 3),
+        "pattern accuracy after each decoder layer": [round(fit_and_score(x[:, i], y, len(PATTERNS)), 3) for i in range(x.shape[1])],
+        "decoder layers holding a DCAL (0-based)": [i for i, layer in enumerate(model.decoder_layers) if getattr(layer, "t2v", None) is not None],
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
