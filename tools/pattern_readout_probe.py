@@ -18,8 +18,7 @@ import json
 
 import torch
 
-from crosslmm.data.processor import IGNORE_INDEX
-from probe_model import load_probed, parser
+from probe_model import answer_query_states, load_probed, parser
 from query_quadrant_probe import fit_and_score
 
 PATTERNS = ["plain", "checks", "dots", "stripes"]
@@ -40,20 +39,10 @@ def main() -> None:
         if record["form"] != "short" or not record["conversations"][0]["value"].startswith("<video>\nWhat pattern"):
             continue
         item = processor.encode_record(record, args.records)
-        query = int((item["labels"] != IGNORE_INDEX).nonzero()[0]) - 1  # the token that predicts the answer
-        outputs = []  # each decoder layer's output, (1, L_llm, D)
-        hooks = [layer.register_forward_hook(lambda _m, _i, out: outputs.append(out[0] if isinstance(out, tuple) else out))
-                 for layer in model.decoder_layers]
-        try:
-            logits = model(input_ids=item["input_ids"][None], pixel_values=item["pixel_values"],
-                           media_num_frames=item["media_num_frames"]).logits
-        finally:
-            for hook in hooks:
-                hook.remove()
-        spliced = outputs[0].shape[1] - item["input_ids"].shape[0]  # visual tokens minus their placeholders
-        states.append(torch.stack([h[0, query + spliced] for h in outputs]))  # (layers, D)
+        layer_states, logits = answer_query_states(model, item)
+        states.append(layer_states)  # (layers, D)
         truth.append(PATTERNS.index(record["answer"]))
-        said.append(int(logits[0, query + spliced, answer_ids].argmax()))
+        said.append(int(logits[answer_ids].argmax()))
     x, y = torch.stack(states).float(), torch.tensor(truth)
     cut = int(len(y) * 0.7)
     print(json.dumps({

@@ -16,9 +16,8 @@ import json
 
 import torch
 
-from crosslmm.data.processor import IGNORE_INDEX
 from crosslmm.synth.world import AT_REGION_TIME, REGIONS
-from probe_model import load_probed, parser
+from probe_model import answer_query_states, load_probed, parser
 
 
 def fit_and_score(x: torch.Tensor, y: torch.Tensor, classes: int, split: float = 0.7) -> float:
@@ -53,19 +52,7 @@ def main() -> None:
         if match is None:
             continue
         item = processor.encode_record(record, args.records)
-        labels = item["labels"]
-        query = int((labels != IGNORE_INDEX).nonzero()[0]) - 1  # the token that predicts the answer
-        outputs = []  # each decoder layer's output, (1, L_llm, D): the text with the visual tokens spliced in
-        hooks = [layer.register_forward_hook(lambda _m, _i, out: outputs.append(out[0] if isinstance(out, tuple) else out))
-                 for layer in model.decoder_layers]
-        try:
-            model(input_ids=item["input_ids"][None], pixel_values=item["pixel_values"],
-                  media_num_frames=item["media_num_frames"])
-        finally:
-            for hook in hooks:
-                hook.remove()
-        spliced = outputs[0].shape[1] - item["input_ids"].shape[0]  # visual tokens minus their placeholders, all before the question
-        states.append(torch.stack([h[0, query + spliced] for h in outputs]))  # (layers, D)
+        states.append(answer_query_states(model, item)[0])  # (layers, D)
         quadrant.append(REGIONS.index(match[1]))
         frame.append(int(match[2]) - 1)
     x = torch.stack(states).float()  # (questions, layers, D)
