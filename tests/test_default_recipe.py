@@ -20,7 +20,7 @@ TOY = ["vision.scenes=16", "vision.heldout=4", "vision.steps=8", "probe.every=2"
        " hop_probe: 8, overrides: [model_overrides.use_v2v=true, model_overrides.use_t2v=true, max_steps=3]},"
        " {kind: text_hop, world: {n: 40, seed: 5, questions_per_video: 4}, recipe: text.yaml, hop_scenes: 40,"
        " hop_probe: 8, stated: false, overrides: [model_overrides.use_v2v=true, model_overrides.use_t2v=true, max_steps=2]},"
-       " {world: {n: 40, seed: 5, questions_per_video: 4}, completion_records: 30,"
+       " {world: {n: 40, seed: 5, questions_per_video: 4}, completion_records: 30, processes: 2,"
        " overrides: [max_steps=4, grounding_weight=0.3, grounding_options=true, log_every=2]}]"]
 
 
@@ -64,6 +64,11 @@ def test_default_recipe_builds_trains_exports_and_resumes(tmp_path):
     records = json.loads((out / "stage2" / "train.json").read_text())
     assert any("grounding" in r for r in records) and any("video" not in r for r in records)
     assert (out / "stage2" / "train" / "probe.jsonl").read_text().count("\n") >= 2
+    # The video stage ran as two data-parallel processes sharing the recipe's batch of 8,
+    # which ended with the same weights.
+    sums = json.loads((out / "stage2" / "train" / "rank_checksums.json").read_text())
+    assert len(sums) == 2 and sums[0] == sums[1]
+    assert "per_device_batch_size: 4" in (out / "stage2" / "train" / "recipe.yaml").read_text()
     # The text stage kept the DCAL blocks (the text recipe's own default has none).
     assert json.loads((out / "stage0" / "train" / "model" / "config.json").read_text())["use_t2v"] is True
     card = json.loads((tmp_path / "bundled" / "training.json").read_text())
@@ -117,6 +122,8 @@ def test_a_bad_recipe_config_is_refused_with_its_reason():
         load_default_recipe(yaml, ["stages=[{kind: text_hop, hop_scenes: 8, copy_stated_fraction: 0.25}]"])
     with pytest.raises(ValueError, match="copy_stated_fraction is for a text_hop stage with stated: false"):
         load_default_recipe(yaml, ["stages=[{kind: text_hop, hop_scenes: 8, stated: false, copy_stated_fraction: 1.5}]"])
+    with pytest.raises(ValueError, match="processes: 3 must be at least 1 and share threads: 2 evenly"):
+        load_default_recipe(yaml, ["stages=[{processes: 3}]"])
 
 
 def test_the_unstated_copy_keeps_a_fraction_of_stated_records(tmp_path):

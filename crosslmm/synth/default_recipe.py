@@ -100,6 +100,11 @@ class StageSpec:
     copy_stated_fraction: float = 0.0
     stop_above: float | None = None  # end the stage once its probe reaches this
     overrides: list[str] = field(default_factory=list)  # key=value for `crosslmm train` (e.g. epochs=4)
+    # Data-parallel processes (torchrun, DDP), the recipe's threads shared out among them
+    # and the global batch kept: on 2 cores a video stage steps 1.24x faster as 2 x 1
+    # thread than as 1 x 2 (docs/performance.md); text stages do not gain. How fast, not
+    # what (the sum of the same gradients, in another order), so not part of the settings.
+    processes: int = 1
 
 
 @dataclass
@@ -149,6 +154,8 @@ def load_default_recipe(path: str | Path, overrides: list[str] | None = None) ->
             raise ValueError("stated: false is for a text_hop stage, without stop_above (the unstated copy has no probe)")
         if stage.copy_stated_fraction and (stage.stated or not 0 < stage.copy_stated_fraction < 1):
             raise ValueError("copy_stated_fraction is for a text_hop stage with stated: false, in (0, 1)")
+        if stage.processes < 1 or config.threads % stage.processes:
+            raise ValueError(f"processes: {stage.processes} must be at least 1 and share threads: {config.threads} evenly")
         stage.recipe = str((path.parent / stage.recipe).resolve()) if stage.recipe else config.recipe
     return config
 
@@ -239,7 +246,7 @@ def _with_new_fields(stored: dict) -> dict:
     """Stored settings with the stage fields added since they were written, at their
     defaults: a new field's default is the behaviour the older run trained with, so a
     run resumed under newer code is not refused for it."""
-    defaults = asdict(StageSpec())
+    defaults = {k: v for k, v in asdict(StageSpec()).items() if k != "processes"}  # not a setting
     return {**stored, "stages": [{**{k: v for k, v in defaults.items() if k not in stage}, **stage}
                                  for stage in stored.get("stages", [])]}
 
@@ -273,6 +280,31 @@ def _timed(timings: dict, name: str, path: Path, work, every: float = 30.0):
         write()
 
 
+def train_in_processes(recipe: str, overrides: list[str], processes: int, threads: int) -> Path:
+    """`crosslmm train` under torchrun with `processes` ranks of `threads // processes`
+    threads each, the per-rank batch divided so that the global batch is the recipe's;
+    returns the final model folder. The feature cache is filled here first, with every
+    thread (under torchrun the main rank would fill it alone, on its share of them)."""
+    import os
+    import subprocess
+    import sys
+
+    from crosslmm.train.config import load_train_config
+    from crosslmm.train.trainer import prepare_feature_cache
+
+    config = load_train_config(recipe, overrides)
+    if config.per_device_batch_size % processes:
+        raise ValueError(f"per_device_batch_size {config.per_device_batch_size} cannot be shared by {processes} processes")
+    prepare_feature_cache(config)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "crosslmm", "train", recipe, *overrides,
+               f"per_device_batch_size={config.per_device_batch_size // processes}"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads // processes)}
+    if subprocess.run(command, env=env).returncode != 0:
+        raise RuntimeError(f"training under torchrun failed (its output is above): {' '.join(command)}")
+    return Path(config.output_dir) / "model"
+
+
 def run_default_recipe(config: DefaultRecipeConfig, command: str | None = None) -> Path:
     """Everything from worlds to the trained (and optionally exported) model; returns
     the final model folder. `command` (the command line that ran it) goes into the
@@ -290,6 +322,7 @@ def run_default_recipe(config: DefaultRecipeConfig, command: str | None = None) 
     settings = asdict(config)
     settings.pop("threads")  # how fast, not what: a resumed run may use another count
     for stage in settings["stages"]:
+        stage.pop("processes")
         if stage["kind"] == "text_hop":  # a constant rate: its length may be raised and the stage trains on
             stage["overrides"] = [o for o in stage["overrides"] if not o.startswith("max_steps=")]
             stage["stop_above"] = None
@@ -329,13 +362,17 @@ def run_default_recipe(config: DefaultRecipeConfig, command: str | None = None) 
         probe = probe + [f"probe.stop_above={stage.stop_above}"] * (stage.stop_above is not None)
         probe = probe if config.probe.every and stage.stated and stage.kind != "lookup_drill" else []
         resume = ["resume=latest"] if (stage_dir / "train" / "checkpoints" / "latest").exists() else []
-        train_config = load_train_config(stage.recipe, [
+        overrides = [
             f"model={model}", f"output_dir={stage_dir / 'train'}", f"data.train={records}",
             *([] if stage.kind in ("text_hop", "lookup_drill") else  # no media
               [f"data.media_root={world}", f"feature_cache={stage_dir.parent / 'feature_cache' / world.name}"]),
             f"seed={config.seed}", *probe, *stage.overrides, *resume,
-        ])
-        model = Path(_timed(timings, f"stage {i}", timings_file, lambda c=train_config: train(c)))
+        ]
+        if stage.processes > 1:
+            work = lambda s=stage, o=overrides: train_in_processes(s.recipe, o, s.processes, config.threads)
+        else:
+            work = lambda c=load_train_config(stage.recipe, overrides): train(c)
+        model = Path(_timed(timings, f"stage {i}", timings_file, work))
     if config.export.out:
         data = Path(config.export.data) if config.export.data else worlds[-1]
         card = {"variant": "default-recipe", "options": config.model, "seed": config.seed,

@@ -244,6 +244,26 @@ def train(config: TrainConfig, stop_after: int | None = None) -> Path:
     return final
 
 
+def load_model_and_processor(config: TrainConfig) -> tuple[CrossLMMForCausalLM, CrossLMMProcessor]:
+    model = load_model(config)
+    processor = CrossLMMProcessor.from_pretrained(
+        config.model, config=model.config, num_frames=config.data.num_frames, fps=config.data.fps,
+        max_frames=config.data.max_frames, max_length=config.data.max_length,
+    )
+    return model, processor
+
+
+def prepare_feature_cache(config: TrainConfig) -> None:
+    """Fill `config.feature_cache` in this one process, before a multi-process run starts:
+    under torchrun the main rank alone encodes while the others wait, with only its share
+    of the cores (`crosslmm synth-default`'s `processes`)."""
+    if not config.feature_cache:
+        return
+    model, processor = load_model_and_processor(config)
+    fill_feature_cache(FeatureCache(config.feature_cache), model, config, processor,
+                       Accelerator(cpu=not torch.cuda.is_available()))
+
+
 def setup(config: TrainConfig) -> Run:
     """Model, processor, data, sharding, optimizer and schedule, in the order they depend
     on each other: parameters are frozen before sharding and the optimizer is built on
@@ -264,11 +284,7 @@ def setup(config: TrainConfig) -> Run:
     torch.set_flush_denormal(config.flush_denormal)  # CPU only; a no-op on GPU kernels
     world = accelerator.num_processes
 
-    model = load_model(config)
-    processor = CrossLMMProcessor.from_pretrained(
-        config.model, config=model.config, num_frames=config.data.num_frames, fps=config.data.fps,
-        max_frames=config.data.max_frames, max_length=config.data.max_length,
-    )
+    model, processor = load_model_and_processor(config)
     cache = FeatureCache(config.feature_cache) if config.feature_cache else None
     if cache is not None:
         fill_feature_cache(cache, model, config, processor, accelerator)
