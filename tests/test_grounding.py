@@ -27,7 +27,7 @@ from crosslmm.synth.world import (
     render,
     scene_for,
 )
-from crosslmm.train.grounding import T2VAttentionMass, grounded_queries, option_line_ends
+from crosslmm.train.grounding import T2VAttentionMass, grounded_answer_tokens, grounded_queries, option_line_ends
 
 FIRST, FRAMES = 10, 2
 
@@ -44,6 +44,42 @@ def test_grounded_queries_are_the_text_tokens_before_each_answer():
     # head groups pass through as they are
     grouped = {**batch, "grounding": [[[[3], [4, 5]], None], None]}
     assert grounded_queries(grouped, MEDIA) == [(0, 1, [[3], [4, 5]])]
+    # the read-out loss's targets: each grounded answer's first token, by its query
+    assert grounded_answer_tokens(batch, MEDIA) == {(0, 1): 40, (1, 1): 43}
+
+
+def test_the_readout_loss_reads_t2vs_update_through_the_fixed_norm_and_head():
+    """The cross entropy of the answer's first token from each T2V layer's update at the
+    answer's query, as the language model would read it as its last hidden state; the
+    norm and the head get no gradient from it, T2V does."""
+    torch.manual_seed(0)
+    model = toy_model(use_v2v=False, use_t2v=True).train()
+    with torch.no_grad():
+        for layer in model.decoder_layers:
+            if getattr(layer, "t2v", None) is not None:
+                torch.nn.init.normal_(layer.t2v.o_proj.weight, std=0.1)  # open blocks: a nonzero update
+    pattern = torch.randn(8, model.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(1)) * 3
+    ids, labels, features, place = _toy_batch(torch.Generator().manual_seed(3), model, pattern)
+    batch = {"input_ids": ids, "labels": labels, "grounding": [[[int(p)]] for p in place]}
+    updates = []  # per T2V call, (G, Lq, D)
+    hooks = [layer.t2v.register_forward_hook(lambda _m, _a, out: updates.append(out))
+             for layer in model.decoder_layers if getattr(layer, "t2v", None) is not None]
+    answers = grounded_answer_tokens(batch, MEDIA)
+    with T2VAttentionMass(model, grounded_queries(batch, MEDIA), answers) as mass:
+        model(ids, labels=labels, vision_features=features, media_num_frames=torch.full((BATCH,), FRAMES))
+    for hook in hooks:
+        hook.remove()
+    norm, head = model.language_model.model.norm, model.get_output_embeddings()
+    loss = mass.readout_loss(norm, head.weight)
+    # one group per sample, the question token its only text query before the answer (rank 0)
+    assert sorted(answers) == [(b, 0) for b in range(BATCH)] and len(updates) > 0
+    read = torch.cat([u[:, 0] for u in updates])  # (layers * B, D), layer by layer
+    expected = torch.nn.functional.cross_entropy(head(norm(read)), torch.cat([ids[:, 2]] * len(updates)))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert norm.weight.grad is None and head.weight.grad is None
+    assert all(layer.t2v.v_proj.weight.grad is not None for layer in model.decoder_layers
+               if getattr(layer, "t2v", None) is not None)
 
 
 def test_grounding_options_adds_each_option_lines_last_token():

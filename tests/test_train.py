@@ -160,9 +160,9 @@ def test_an_empty_micro_batch_still_runs_forward_and_backward_with_zero_loss(wor
     from crosslmm.train.trainer import forward_backward
 
     model = CrossLMMForCausalLM.from_pretrained(workspace / "init").train()
-    loss, grounding_loss = forward_backward(model, None, global_tokens=10, world=1, accelerator=Accelerator(cpu=True),
-                                            pad_token_id=0)
-    assert loss.item() == 0.0 and grounding_loss is None
+    loss, auxiliary = forward_backward(model, None, global_tokens=10, world=1, accelerator=Accelerator(cpu=True),
+                                      pad_token_id=0)
+    assert loss.item() == 0.0 and auxiliary is None
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.count_nonzero(g) == 0 for g in grads)  # a real backward, contributing nothing
 

@@ -36,6 +36,7 @@ class T2VRows:
     visible_frames: torch.Tensor  # (R,) frames each query may see (0: it comes before any media)
     frame_slots: int  # frames in each group's keys (padded to the longest sample in the part)
     originals_per_frame: int
+    updates: torch.Tensor | None = None  # (R, D) the gated update T2V adds to the residual stream there
 
 
 def t2v_layers(model: nn.Module) -> list[DCALDecoderLayer]:
@@ -60,7 +61,7 @@ class T2VAttentionRecorder:
         for layer in self.layers:
             self._handles.append(layer.register_forward_pre_hook(self._grab_context, with_kwargs=True))
             self._handles.append(layer.t2v.register_forward_hook(
-                lambda module, args, kwargs, output, layer=layer: self._record(layer, module, args, kwargs),
+                lambda module, args, kwargs, output, layer=layer: self._record(layer, module, args, kwargs, output),
                 with_kwargs=True,
             ))
         return self
@@ -74,7 +75,8 @@ class T2VAttentionRecorder:
         self._context[layer.layer_idx] = kwargs.get("dcal_context")
         self._calls[layer.layer_idx] = 0
 
-    def _record(self, layer: DCALDecoderLayer, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _record(self, layer: DCALDecoderLayer, module: nn.Module, args: tuple, kwargs: dict,
+                output: torch.Tensor) -> None:
         context = self._context.get(layer.layer_idx)
         if context is None or context.t2v is None or context.cross_attention_cache is not None:
             return  # decoding, or no media
@@ -101,4 +103,5 @@ class T2VAttentionRecorder:
         mask = None if key_mask is None else key_mask[groups_t, columns_t][:, None]  # (R, 1, S)
         probabilities = module.probabilities(hidden[groups_t, columns_t][:, None], key[groups_t], mask)[:, :, 0]
         self.rows.append(T2VRows(layer.layer_idx, found, probabilities, part.visible_frames[groups_t, columns_t],
-                                 part.key_frames.shape[1], context.original_tokens_per_frame))
+                                 part.key_frames.shape[1], context.original_tokens_per_frame,
+                                 output[groups_t, columns_t]))

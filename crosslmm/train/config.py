@@ -97,6 +97,10 @@ class TrainConfig:
     # Also ground each option line's last token of a grounded multiple-choice question, toward its
     # answer's targets: teaches options to look before the reply marks one (crosslmm.train.grounding).
     grounding_options: bool = False
+    # Weight of the read-out loss at grounded answers: T2V's update at the answer's query, read through
+    # the final norm and LM head (held fixed), should say the answer's first token
+    # (crosslmm.train.grounding, T2VAttentionMass.readout_loss); 0: off. Needs grounding_weight above 0.
+    grounding_readout_weight: float = 0.0
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # CPU math flushes subnormal floats (below 1.2e-38) to zero. x86 cores compute on them 10-100
     # times slower, and a softmax that has learned to look at a few of 512 originals makes many:
@@ -152,6 +156,8 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         raise ValueError(f"export_dtype must be bfloat16 or float32, got {config.export_dtype!r}")
     if config.grounding_weight < 0:
         raise ValueError(f"grounding_weight must be at least 0, got {config.grounding_weight}")
+    if config.grounding_readout_weight < 0 or (config.grounding_readout_weight > 0 and config.grounding_weight == 0):
+        raise ValueError("grounding_readout_weight must be at least 0, and needs grounding_weight above 0")
     if config.grounding_options and config.grounding_weight == 0:
         raise ValueError("grounding_options needs grounding_weight above 0")
     if config.grounding_weight > 0 and (config.gradient_checkpointing or config.distributed.strategy == "fsdp"):

@@ -48,7 +48,7 @@ from crosslmm.model.modeling import CrossLMMForCausalLM, parameter_part
 from crosslmm.train.config import TrainConfig, dump_train_config
 from crosslmm.train.distributed import ParallelModel, export_model, fully_shard_model
 from crosslmm.train.feature_cache import FeatureCache, vision_fingerprint
-from crosslmm.train.grounding import T2VAttentionMass, grounded_queries, token_texts
+from crosslmm.train.grounding import T2VAttentionMass, grounded_answer_tokens, grounded_queries, token_texts
 from crosslmm.train.state import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 
 log = logging.getLogger("crosslmm.train")
@@ -391,7 +391,7 @@ class Meter:
     requested: int = 0
     skipped: int = 0
     skipped_reasons: list[str] = field(default_factory=list)  # this rank's, for the message
-    grounding: list[float] = field(default_factory=list)  # this rank's grounding losses since the last log
+    auxiliary: dict[str, list[float]] = field(default_factory=dict)  # this rank's grounding / readout losses since the last log
 
 
 def train_step(run: Run, loaded: list[tuple[dict | None, int, list[str]]], meter: Meter) -> float:
@@ -412,15 +412,16 @@ def train_step(run: Run, loaded: list[tuple[dict | None, int, list[str]]], meter
     grounding = None
     if run.config.grounding_weight > 0:  # summed over micro-batches: a mean over them, like the token loss
         grounding = (run.config.grounding_weight / len(micro), run.parallel.unwrap().config.media_token_id,
-                     run.token_texts if run.config.grounding_options else None)
+                     run.token_texts if run.config.grounding_options else None,
+                     run.config.grounding_readout_weight / len(micro))
     for j, batch in enumerate(micro):
         with run.parallel.sync_context(last_micro_batch=j == len(micro) - 1):
-            token_loss, grounding_loss = forward_backward(
+            token_loss, auxiliary = forward_backward(
                 run.parallel.module, batch, global_tokens, run.world, accelerator, run.processor.pad_token_id,
                 run.processor.frame_processor.normalize, grounding)
             loss_sum += token_loss
-            if grounding_loss is not None:
-                meter.grounding.append(float(grounding_loss))
+            for name, value in (auxiliary or {}).items():
+                meter.auxiliary.setdefault(name, []).append(float(value))
     if run.config.optim.max_grad_norm > 0:
         run.parallel.clip_grad_norm_(list(run.trainable.values()), run.config.optim.max_grad_norm)
     run.optimizer.step()
@@ -436,9 +437,10 @@ def log_metrics(run: Run, step: int, loss: float, meter: Meter) -> None:
     elapsed = time.perf_counter() - meter.started
     metrics = {"loss": loss, "samples_per_s": meter.samples * run.world / elapsed,
                "tokens_per_s": meter.tokens * run.world / elapsed}
-    if meter.grounding:  # this rank's mean since the last log
-        metrics["grounding_loss"] = sum(meter.grounding) / len(meter.grounding)
-        meter.grounding.clear()
+    for name, values in meter.auxiliary.items():  # this rank's mean since the last log
+        if values:
+            metrics[f"{name}_loss"] = sum(values) / len(values)
+            values.clear()
     metrics.update({f"lr/{g['name']}": g["lr"] for g in run.optimizer.param_groups})
     metrics.update(gate_values(run.parallel.unwrap()))
     run.accelerator.log(metrics, step=step)
@@ -515,17 +517,18 @@ def check_skipped(requested: int, skipped: int, reasons: list[str], max_fraction
 
 def forward_backward(model, batch: dict | None, global_tokens: int, world: int, accelerator: Accelerator,
                      pad_token_id: int, normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     grounding: tuple[float, int, list[str] | None] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One micro-batch; returns its summed token loss and its grounding loss (detached;
-    None without grounded answers). The token loss is divided by the global answer-token
+                     grounding: tuple[float, int, list[str] | None, float] | None = None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """One micro-batch; returns its summed token loss and its auxiliary losses (detached,
+    by name: `grounding`, `readout`; None without grounded answers). The token loss is divided by the global answer-token
     count times 1/world, since DDP and FSDP both average gradients over ranks. A rank
     whose micro-batch is empty (every record skipped) runs a real forward and backward on
     a one-token batch without labels (loss exactly 0), so the gradient reduction happens
     on every rank and nothing hangs or is trained on. uint8 frames are normalised here, on
     the device, by `normalize`. `grounding`: (weight, media token id, each token's text or
-    None) adds weight x the T2V grounding loss of the batch's grounded answers, and with
-    the texts of their options' lines too (crosslmm.train.grounding)."""
+    None, read-out weight) adds weight x the T2V grounding loss of the batch's grounded
+    answers, and with the texts of their options' lines too, and read-out weight x the
+    read-out loss of T2V's update at those answers (crosslmm.train.grounding)."""
     device = accelerator.device
     empty = batch is None
     if empty:
@@ -537,17 +540,25 @@ def forward_backward(model, batch: dict | None, global_tokens: int, world: int, 
         inputs["pixel_values"] = normalize(inputs["pixel_values"])
     num_items = max(global_tokens, 1) / world
     queries = grounded_queries(batch, grounding[1], grounding[2]) if grounding is not None and not empty else []
-    attention_mass = T2VAttentionMass(model, queries) if queries else None
+    answers = grounded_answer_tokens(batch, grounding[1]) if queries and grounding[3] > 0 else None
+    attention_mass = T2VAttentionMass(model, queries, answers) if queries else None
     with attention_mass or contextlib.nullcontext():
         out = model(**inputs, num_items_in_batch=torch.tensor(num_items, device=device), logits_to_keep="labels")
     loss = out.loss
     grounding_loss = attention_mass.loss() if attention_mass is not None else None
     if grounding_loss is not None:
         loss = loss + grounding[0] * grounding_loss
+    auxiliary = {} if grounding_loss is None else {"grounding": grounding_loss.detach()}
+    if answers:
+        language_model = getattr(model, "module", model).language_model  # DDP wraps the model
+        readout = attention_mass.readout_loss(language_model.model.norm, language_model.get_output_embeddings().weight)
+        if readout is not None:
+            loss = loss + grounding[3] * readout
+            auxiliary["readout"] = readout.detach()
     if empty:  # a text-only token may not reach the trained parts (stage 1): give every one a zero gradient
         loss = loss + sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
     accelerator.backward(loss)
-    return out.loss.detach() * num_items, None if grounding_loss is None else grounding_loss.detach()
+    return out.loss.detach() * num_items, auxiliary or None
 
 
 def attach_features(batch: dict | None, cache: FeatureCache) -> dict | None:
