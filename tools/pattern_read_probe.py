@@ -34,10 +34,9 @@ import torch
 
 from crosslmm.data.processor import IGNORE_INDEX
 from crosslmm.synth.world import grounding_targets, scene_for, video_index
-from probe_model import load_probed, parser
+from pattern_readout_probe import PATTERNS, named_pattern_questions, split_parser
+from probe_model import load_probed
 from query_quadrant_probe import fit_and_score
-
-PATTERNS = ["plain", "checks", "dots", "stripes"]
 
 
 def t2v_reads(model, item: dict, targets: list[int]) -> dict[str, torch.Tensor]:
@@ -92,21 +91,16 @@ def t2v_reads(model, item: dict, targets: list[int]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def main() -> None:
-    cli = parser(__doc__)
-    cli.add_argument("--split", default="test", help="test (held-out videos) or train: more questions, same read")
-    args = cli.parse_args()
+    args = split_parser(__doc__).parse_args()
     model, processor = load_probed(args)
     meta = json.loads((args.records / "meta.json").read_text())["params"]
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    records = json.loads((args.records / f"{args.split}.json").read_text())
     rows: dict[str, list[torch.Tensor]] = {}
     truth = []
-    for record in records:
+    for record in named_pattern_questions(args.records, args.split):
         if len(truth) == args.n:
             break
         question = record["conversations"][0]["value"]
-        if record["form"] != "short" or not question.startswith("<video>\nWhat pattern"):
-            continue
         scene = scene_for(meta["seed"], video_index(record["video"]), meta["frames"], meta["size"])
         targets = grounding_targets(scene, question, grid)
         if not targets:

@@ -15,6 +15,8 @@ what T2V brought; a probe at chance everywhere says the read itself loses it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -24,20 +26,29 @@ from query_quadrant_probe import fit_and_score
 PATTERNS = ["plain", "checks", "dots", "stripes"]
 
 
+def split_parser(doc: str):
+    """The probe tools' command line plus `--split`."""
+    cli = parser(doc)
+    cli.add_argument("--split", default="test", help="test (held-out videos) or train: more questions, same read")
+    return cli
+
+
+def named_pattern_questions(records_root: Path, split: str) -> Iterator[dict]:
+    """The short-answer "What pattern does the X have?" records of a world's split, in order."""
+    for record in json.loads((records_root / f"{split}.json").read_text()):
+        if record["form"] == "short" and record["conversations"][0]["value"].startswith("<video>\nWhat pattern"):
+            yield record
+
+
 @torch.no_grad()
 def main() -> None:
-    cli = parser(__doc__)
-    cli.add_argument("--split", default="test", help="test (held-out videos) or train: more questions, same read")
-    args = cli.parse_args()
+    args = split_parser(__doc__).parse_args()
     model, processor = load_probed(args)
-    records = json.loads((args.records / f"{args.split}.json").read_text())
     states, truth, said = [], [], []
     answer_ids = [processor.tokenizer.encode(p, add_special_tokens=False)[0] for p in PATTERNS]
-    for record in records:
+    for record in named_pattern_questions(args.records, args.split):
         if len(states) == args.n:
             break
-        if record["form"] != "short" or not record["conversations"][0]["value"].startswith("<video>\nWhat pattern"):
-            continue
         item = processor.encode_record(record, args.records)
         layer_states, logits = answer_query_states(model, item)
         states.append(layer_states)  # (layers, D)
