@@ -155,7 +155,8 @@ def load_default_recipe(path: str | Path, overrides: list[str] | None = None) ->
         if stage.copy_stated_fraction and (stage.stated or not 0 < stage.copy_stated_fraction < 1):
             raise ValueError("copy_stated_fraction is for a text_hop stage with stated: false, in (0, 1)")
         if stage.processes < 1 or config.threads % stage.processes:
-            raise ValueError(f"processes: {stage.processes} must be at least 1 and share threads: {config.threads} evenly")
+            raise ValueError(f"processes: {stage.processes} must be at least 1 and share "
+                             f"threads: {config.threads} evenly")
         stage.recipe = str((path.parent / stage.recipe).resolve()) if stage.recipe else config.recipe
     return config
 
@@ -294,7 +295,8 @@ def train_in_processes(recipe: str, overrides: list[str], processes: int, thread
 
     config = load_train_config(recipe, overrides)
     if config.per_device_batch_size % processes:
-        raise ValueError(f"per_device_batch_size {config.per_device_batch_size} cannot be shared by {processes} processes")
+        raise ValueError(f"per_device_batch_size {config.per_device_batch_size} cannot be shared "
+                         f"by {processes} processes")
     prepare_feature_cache(config)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "-m", "crosslmm", "train", recipe, *overrides,

@@ -65,7 +65,8 @@ def token_texts(tokenizer) -> list[str]:
     return [tokenizer.decode([i]) for i in range(len(tokenizer))]
 
 
-def _grounded_answers(batch: dict, media_token_id: int) -> Iterator[tuple[int, int, int, list[list[int]], torch.Tensor, list[int]]]:
+def _grounded_answers(batch: dict, media_token_id: int
+                      ) -> Iterator[tuple[int, int, int, list[list[int]], torch.Tensor, list[int]]]:
     """Per grounded answer of a right-padded batch: (sample, k, position of the answer's
     first token, target head groups, placeholders up to each position (L,), the first
     position after each of the sample's answers)."""

@@ -391,7 +391,8 @@ class Meter:
     requested: int = 0
     skipped: int = 0
     skipped_reasons: list[str] = field(default_factory=list)  # this rank's, for the message
-    auxiliary: dict[str, list[float]] = field(default_factory=dict)  # this rank's grounding / readout losses since the last log
+    # this rank's auxiliary losses (grounding, readout) since the last log, by name
+    auxiliary: dict[str, list[float]] = field(default_factory=dict)
 
 
 def train_step(run: Run, loaded: list[tuple[dict | None, int, list[str]]], meter: Meter) -> float:
@@ -520,8 +521,9 @@ def forward_backward(model, batch: dict | None, global_tokens: int, world: int, 
                      grounding: tuple[float, int, list[str] | None, float] | None = None
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """One micro-batch; returns its summed token loss and its auxiliary losses (detached,
-    by name: `grounding`, `readout`; None without grounded answers). The token loss is divided by the global answer-token
-    count times 1/world, since DDP and FSDP both average gradients over ranks. A rank
+    by name: `grounding`, `readout`; None without grounded answers). The token loss is
+    divided by the global answer-token count times 1/world, since DDP and FSDP both
+    average gradients over ranks. A rank
     whose micro-batch is empty (every record skipped) runs a real forward and backward on
     a one-token batch without labels (loss exactly 0), so the gradient reduction happens
     on every rank and nothing hangs or is trained on. uint8 frames are normalised here, on
