@@ -83,7 +83,7 @@ def t2v_reads(model, item: dict, targets: list[int]) -> dict[str, torch.Tensor]:
         out[f"layer {i}: update"] = update[0, column].float()
         out[f"layer {i}: residual after"] = parts["residual"][0, at].float()
         out[f"layer {i}: attention mass on the sprite"] = probs[:, targets].sum(-1).mean()[None]
-        if "originals" not in out:
+        if "originals: mean over the sprite" not in out:  # the same in every layer
             originals = ctx.originals.reshape(-1, ctx.originals.shape[-1])  # (F*N, D), marked
             out["originals: mean over the sprite"] = originals[targets].float().mean(0)
     return out

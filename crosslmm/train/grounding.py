@@ -184,6 +184,6 @@ class T2VAttentionMass(T2VAttentionRecorder):
             return None
         hidden = torch.stack(updates).float()  # (A, D)
         eps = getattr(final_norm, "variance_epsilon", None) or getattr(final_norm, "eps", 1e-6)
-        normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps) * final_norm.weight.detach().float()
+        normed = nn.functional.rms_norm(hidden, hidden.shape[-1:], final_norm.weight.detach().float(), eps)
         logits = normed @ lm_head_weight.detach().float().T  # (A, V)
         return nn.functional.cross_entropy(logits, torch.tensor(tokens, device=logits.device))
