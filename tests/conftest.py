@@ -53,7 +53,8 @@ def tiny_model(vision: str = "siglip", text: str = "qwen2", seed: int = 0, **ove
 
 def set_gates(model: CrossLMMForCausalLM, seed: int = 1) -> None:
     """Open every cross-attention block so it matters, as training would: a distinct
-    non-zero gate each, and a random `o_proj` (a fresh block's is zero by default)."""
+    non-zero gate each, a random `o_proj` (a fresh block's is zero by default) and, where
+    there is one, a random attention sink (it starts at zero)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -61,6 +62,8 @@ def set_gates(model: CrossLMMForCausalLM, seed: int = 1) -> None:
                 param.copy_(torch.rand(1, generator=generator) * 1.5 + 0.5)
             elif name.endswith("2v.o_proj.weight"):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+            elif name.endswith((".sink_key", ".sink_value")):
+                param.copy_(torch.randn(param.shape, generator=generator))
 
 
 def closed_blocks(model: CrossLMMForCausalLM) -> list[str]:

@@ -40,13 +40,17 @@ def model_dir(tmp_path_factory):
                              tokens_per_frame=1, use_v2v=True, use_t2v=True)
 
 
-def test_recomputed_probabilities_reproduce_the_modules_output():
+@pytest.mark.parametrize("sink", [False, True])
+def test_recomputed_probabilities_reproduce_the_modules_output(sink):
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
-    attention = GatedCrossAttention(config, Qwen2RMSNorm).eval()
+    attention = GatedCrossAttention(config, Qwen2RMSNorm, sink=sink).eval()
     with torch.no_grad():
         attention.gate.fill_(0.5)
         torch.nn.init.normal_(attention.o_proj.weight, std=0.1)  # an open block: a fresh o_proj is zero
+        if sink:  # a trained sink: its key draws attention, its value is read in that share
+            torch.nn.init.normal_(attention.sink_key, std=2.0)
+            torch.nn.init.normal_(attention.sink_value)
     groups, queries, keys = 2, 5, 12
     hidden = torch.randn(groups, queries, 64)
     key, value = (torch.randn(groups, 2, keys, 16) for _ in range(2))
@@ -55,10 +59,17 @@ def test_recomputed_probabilities_reproduce_the_modules_output():
 
     probs = attention.probabilities(hidden, key, key_mask)  # (G, H, Lq, S)
     assert probs.shape == (groups, 4, queries, keys) and bool((probs >= 0).all())
-    torch.testing.assert_close(probs.sum(-1), torch.ones(groups, 4, queries))
+    sink_share = 1 - probs.sum(-1)  # (G, H, Lq)
+    if sink:
+        assert bool((sink_share > 1e-4).all()) and float(sink_share.mean()) > 0.05
+    else:
+        torch.testing.assert_close(sink_share, torch.zeros(groups, 4, queries), atol=1e-6, rtol=0)
     assert bool((probs[1, :, 2][:, ~key_mask[1, 2]] == 0).all())
-    # probs @ V, query head h reading K/V head h // 2, then o_proj and the gate: forward's output.
+    # probs @ V, query head h reading K/V head h // 2 (and the sink's value in the sink's
+    # share), then o_proj and the gate: forward's output.
     out = probs @ value.repeat_interleave(2, dim=1)  # (G, H, Lq, hd)
+    if sink:
+        out = out + sink_share[..., None] * attention.sink_value.detach().repeat_interleave(2, dim=0)[None, :, None]
     out = out.permute(0, 2, 1, 3).reshape(groups, queries, 64)
     with torch.no_grad():
         expected = attention(hidden, key, value, key_mask)

@@ -34,6 +34,29 @@ def test_cached_generation_equals_full_recomputation(model):
     torch.testing.assert_close(cached_logits, recomputed_logits, atol=1e-5, rtol=1e-5)
 
 
+def test_a_sink_and_wider_cross_attention_kv_keep_cached_generation_exact():
+    """The sink's key and value are appended inside each call, not to the request's cache:
+    a decode step must read them exactly as the full recomputation does."""
+    model = tiny_model(cross_attention_sink=True, cross_attention_kv_heads=4)
+    set_gates(model)
+    block = model.language_model.model.layers[1].t2v
+    assert block.k_proj.out_features == 4 * 16 and block.sink_value.shape == (4, 16)
+    assert float(block.sink_value.abs().sum()) > 0
+    ids, px, nf = torch.tensor([[5, 6, MEDIA, 7, 8, 9]]), frames(4), torch.tensor([4])
+    cached, cached_logits = model.generate(
+        ids, pixel_values=px, media_num_frames=nf, max_new_tokens=8, eos_token_id=[], return_logits=True
+    )
+    recomputed, recomputed_logits = _recompute_greedy(model, ids, px, nf, 8)
+    assert torch.equal(cached, recomputed)
+    torch.testing.assert_close(cached_logits, recomputed_logits, atol=1e-5, rtol=1e-5)
+    plain = tiny_model(cross_attention_kv_heads=4)  # the same weights without the sink answer otherwise
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "sink" not in k})
+    with torch.no_grad():
+        full = model(torch.cat([ids, cached[:, ids.shape[1]:]], 1), pixel_values=px, media_num_frames=nf).logits
+        without = plain(torch.cat([ids, cached[:, ids.shape[1]:]], 1), pixel_values=px, media_num_frames=nf).logits
+    assert not torch.allclose(full, without, atol=1e-4)
+
+
 def test_cross_attention_kv_is_computed_once_per_request_and_v2v_runs_at_prefill_only(model, monkeypatch):
     calls = {"v2v kv": 0, "t2v kv": 0, "v2v attend": 0, "t2v attend": 0}
 

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModel
 
 from conftest import MEDIA, VISION, frames, set_gates, tiny_config, tiny_model
+from crosslmm import CrossLMMForCausalLM
 from crosslmm.model.pooling import pool_frames
 from crosslmm.model.vision import VisionTower
 from crosslmm.presets import preset_config
@@ -229,3 +230,22 @@ def test_a_sincos_spatial_table_encodes_row_and_column_and_a_saved_one_is_not_re
     assert torch.equal(reloaded.spatial_embedding, model.spatial_embedding)
     with pytest.raises(ValueError, match="spatial_embedding_init"):
         tiny_config(spatial_embedding_init="learned")
+
+
+def test_a_sink_loads_closed_into_a_checkpoint_without_one_and_kv_heads_must_divide(tmp_path):
+    """A sink is new weights: loading a model trained without one starts it at zero (never
+    uninitialised memory). A zero sink is still one more key, at logit 0: a fresh block adds
+    nothing either way, but an open one trained without a sink reads a little less."""
+    trained = tiny_model()
+    set_gates(trained)
+    trained.save_pretrained(tmp_path / "plain")
+    with_sink = CrossLMMForCausalLM.from_pretrained(tmp_path / "plain", cross_attention_sink=True).eval()
+    sinks = [p for n, p in with_sink.named_parameters() if "sink" in n]
+    assert len(sinks) == 2 * 3 and all(not p.any() for p in sinks)  # layers 1 (V2V, T2V) and 3 (T2V)
+    ids, px, counts = torch.tensor([[5, MEDIA, 6, 7]]), frames(2), torch.tensor([2])
+    with torch.no_grad():
+        before = trained(ids, pixel_values=px, media_num_frames=counts).logits
+        after = with_sink(ids, pixel_values=px, media_num_frames=counts).logits
+    assert torch.allclose(before, after, atol=0.5) and not torch.equal(before, after)
+    with pytest.raises(ValueError, match="cross_attention_kv_heads=3"):
+        tiny_config(cross_attention_kv_heads=3)

@@ -102,6 +102,16 @@ class CrossLMMConfig(PretrainedConfig):
             initial output, a near-uniform average of the originals that the pooled
             tokens already carry: the gate random-walks near zero and nothing is learned
             (docs/architecture.md, "Cross-attention initialisation").
+        cross_attention_sink: give every cross-attention block one learned key and value
+            per K/V head that each query may attend to besides the originals (starting at
+            zero). Without it softmax spends a whole unit of attention on the originals, so
+            a query whose object is absent must still read some token, and attending to
+            every matching token returns their mean, not how many there are. Off by default
+            (the paper has none); docs/architecture.md, "An attention sink".
+        cross_attention_kv_heads: key/value heads of every cross-attention block. None
+            (default): the LLM's own `num_key_value_heads`, the paper's shape. More heads
+            widen the values T2V reads from each original (Hkv x head_dim), which a small
+            LLM's grouped-query shape makes narrower than the originals themselves.
     """
 
     model_type = "crosslmm"
@@ -130,6 +140,8 @@ class CrossLMMConfig(PretrainedConfig):
         spatial_embedding: bool = False,
         identity_embedding_std: float = 0.0,
         spatial_embedding_init: str = "normal",
+        cross_attention_sink: bool = False,
+        cross_attention_kv_heads: int | None = None,
         **kwargs: Any,
     ) -> None:
         self.vision_config = _as_config(vision_config, "siglip_vision_model")
@@ -153,6 +165,8 @@ class CrossLMMConfig(PretrainedConfig):
         self.spatial_embedding = spatial_embedding
         self.identity_embedding_std = identity_embedding_std
         self.spatial_embedding_init = spatial_embedding_init
+        self.cross_attention_sink = cross_attention_sink
+        self.cross_attention_kv_heads = cross_attention_kv_heads
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
         self.validate_crosslmm()
@@ -178,6 +192,10 @@ class CrossLMMConfig(PretrainedConfig):
             raise ValueError(
                 f"cross_attention_init must be one of {CROSS_ATTENTION_INITS}, got {self.cross_attention_init!r}"
             )
+        kv_heads = self.cross_attention_kv_heads
+        if kv_heads is not None and (kv_heads < 1 or self.text_config.num_attention_heads % kv_heads):
+            raise ValueError(f"cross_attention_kv_heads={kv_heads} must divide the LLM's "
+                             f"{self.text_config.num_attention_heads} attention heads")
         if self.v2v_scope not in V2V_SCOPES:
             raise ValueError(f"v2v_scope must be one of {V2V_SCOPES}, got {self.v2v_scope!r}")
         if self.dcal_every_k < 1:

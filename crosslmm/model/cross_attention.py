@@ -29,11 +29,15 @@ class GatedCrossAttention(nn.Module):
     the starting point: either `o_proj` is zero with an open gate (`init="zero_output"`,
     the default) or the gate is zero (`"zero_gate"`, the paper's; see CrossLMMConfig)."""
 
-    def __init__(self, text_config: PretrainedConfig, norm_class: type[nn.Module], init: str = "zero_output") -> None:
+    def __init__(
+        self, text_config: PretrainedConfig, norm_class: type[nn.Module], init: str = "zero_output", sink: bool = False,
+        kv_heads: int | None = None,
+    ) -> None:
         super().__init__()
         hidden_size = text_config.hidden_size
         self.num_heads = text_config.num_attention_heads
-        self.num_key_value_heads = getattr(text_config, "num_key_value_heads", None) or self.num_heads
+        # `kv_heads` (CrossLMMConfig.cross_attention_kv_heads) overrides the LLM's own count.
+        self.num_key_value_heads = kv_heads or getattr(text_config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(text_config, "head_dim", None) or hidden_size // self.num_heads
         if self.num_heads % self.num_key_value_heads:
             raise ValueError(
@@ -49,13 +53,24 @@ class GatedCrossAttention(nn.Module):
         # A learnable scalar; tanh(gate) scales the update. For checkpoints that lack the
         # block, `CrossLMMPreTrainedModel.initialize_weights` applies `reset_to_closed` again.
         self.gate = nn.Parameter(torch.zeros(1))
+        # `sink`: one learned key and value per K/V head (Hkv, hd) that every query may
+        # attend to besides the originals, so a head can read little or nothing; without
+        # it softmax hands each query a full unit of attention over the originals, and
+        # attending to every matching token returns their mean, which says neither "none"
+        # nor "how many" (CrossLMMConfig.cross_attention_sink).
+        self.sink_key = nn.Parameter(torch.zeros(self.num_key_value_heads, self.head_dim)) if sink else None
+        self.sink_value = nn.Parameter(torch.zeros(self.num_key_value_heads, self.head_dim)) if sink else None
         self.init_mode = init
         with torch.no_grad():
             self.reset_to_closed()
 
     def reset_to_closed(self, zeros_=nn.init.zeros_, constant_=nn.init.constant_) -> None:
         """Make the block add exactly zero. The init functions are parameters so that
-        loading can pass transformers' versions, which skip tensors read from a checkpoint."""
+        loading can pass transformers' versions, which skip tensors read from a checkpoint.
+        A sink starts at zero: a key at the originals' zero logit, a value that adds nothing."""
+        if self.sink_key is not None:
+            zeros_(self.sink_key)
+            zeros_(self.sink_value)
         if self.init_mode == "zero_gate":
             zeros_(self.gate)
         else:
@@ -86,7 +101,8 @@ class GatedCrossAttention(nn.Module):
 
         forward never materialises them (SDPA); this recomputation is for the rows one
         wants to look at (`crosslmm demo`) or to supervise (`crosslmm.train.grounding`),
-        and it keeps the autograd graph."""
+        and it keeps the autograd graph. With a sink, a row sums to one minus the sink's
+        share."""
         groups, num_queries, _ = hidden.shape
         hkv, rep, hd = self.num_key_value_heads, self.heads_per_group, self.head_dim
         query = self.q_proj(self.norm(hidden)).view(groups, num_queries, hkv, rep, hd).float()
@@ -95,7 +111,11 @@ class GatedCrossAttention(nn.Module):
         if key_mask is not None:
             key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
             scores = scores.masked_fill(~key_mask[:, None], float("-inf"))
-        return scores.softmax(dim=-1)
+        if self.sink_key is None:
+            return scores.softmax(dim=-1)
+        sink = torch.einsum("gqjrd,jd->gjrq", query, self.sink_key.float()) / math.sqrt(hd)  # (G, Hkv, rep, Lq)
+        sink = sink.reshape(groups, hkv * rep, num_queries, 1)
+        return torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]  # the sink's share is left out
 
     def forward(
         self,
@@ -119,6 +139,13 @@ class GatedCrossAttention(nn.Module):
             # A row that may see nothing would give NaN (softmax over no keys); let it see
             # everything and zero its update below (`query_valid` must be False there).
             key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
+        if self.sink_key is not None:  # one more key and value, seen by every query
+            key = torch.cat([key, self.sink_key.to(key.dtype)[None, :, None].expand(groups, -1, 1, -1)], dim=2)
+            value = torch.cat([value, self.sink_value.to(value.dtype)[None, :, None].expand(groups, -1, 1, -1)], dim=2)
+            if key_mask is not None:
+                key_mask = F.pad(key_mask, (0, 1), value=True)
+            num_keys += 1
+        if key_mask is not None:
             attn_mask = key_mask[:, None, :, None, :].expand(groups, 1, num_queries, rep, num_keys)
             attn_mask = attn_mask.reshape(groups, 1, num_queries * rep, num_keys)
 

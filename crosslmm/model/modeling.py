@@ -162,7 +162,7 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         install_dcal(
             self.decoder_layers, config.text_config, config.dcal_layer_indices, config.v2v_layer_indices, config.use_t2v,
-            config.cross_attention_init,
+            config.cross_attention_init, config.cross_attention_sink, config.cross_attention_kv_heads,
         )
         # Blocks that must stay whole on one device or in one FSDP unit: ours and the
         # sub-models' (the ViT's encoder layers, the LLM's decoder layers), explicitly,
