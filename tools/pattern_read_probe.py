@@ -5,15 +5,16 @@ while their originals carry a patch's pattern (95 %) and the residual stream of 
 that predicts the answer holds it no better than the model answers (docs/synthetic.md,
 thirteenth session). For the first N short-answer questions of that kind in a synthetic
 world's records (`--split train`: its training records), this fits a linear classifier
-for the true pattern (four, chance about 25 %; first 70 % fitted, the rest scored,
-`query_quadrant_probe.fit_and_score`) on:
+for the true pattern (four, chance about 25 %; first 70 % fitted, the rest scored, by
+`query_quadrant_probe.ridge_score` at a weak and a strong ridge: what is there, and what
+stands out) on:
 
 - the mean of the originals over the named sprite's patches in every frame it is visible
   (the grounding loss's target, `world.grounding_targets`): what a read that put all its
   attention on the sprite, evenly, could give;
 - per T2V layer, at the answer's query: the attention's read before `o_proj` (every head
-  concatenated, `probabilities @ values`), the same read with the attention restricted to
-  the sprite's patches (renormalised), the plain mean of the values over the sprite (what
+  concatenated, `probabilities @ values`, and a sink's value in its share), the same read
+  with the attention restricted to the sprite's patches (renormalised), the plain mean of the values over the sprite (what
   the layer's values could give to an even read), and the gated update added to the
   residual stream;
 - the residual stream after each of those layers.
@@ -36,7 +37,13 @@ from crosslmm.data.processor import IGNORE_INDEX
 from crosslmm.synth.world import grounding_targets, scene_for, video_index
 from pattern_readout_probe import PATTERNS, named_pattern_questions, split_parser
 from probe_model import load_probed
-from query_quadrant_probe import fit_and_score
+from query_quadrant_probe import ridge_score
+
+# A weak and a strong probe: information present (a linear map keeps it), and information
+# that stands out in the features' variance. The fourteenth session's figures came from
+# `fit_and_score` (logistic, L2 1e-3 on the summed squared weights), which read like the
+# strong one and took "present but faint" for "lost" (docs/synthetic.md, fifteenth session).
+RIDGE_STRENGTHS = (0.01, 1.0)
 
 
 def t2v_reads(model, item: dict, targets: list[int]) -> dict[str, torch.Tensor]:
@@ -77,7 +84,11 @@ def t2v_reads(model, item: dict, targets: list[int]) -> dict[str, torch.Tensor]:
         on_sprite = torch.zeros_like(probs)
         on_sprite[:, targets] = probs[:, targets]
         on_sprite = on_sprite / on_sprite.sum(-1, keepdim=True)
-        out[f"layer {i}: read"] = torch.einsum("hs,hsd->hd", probs, values).reshape(-1)
+        read = torch.einsum("hs,hsd->hd", probs, values)  # (H, hd)
+        if t2v.sink_value is not None:  # the sink's value, in the share the sink took
+            sink = t2v.sink_value.float().repeat_interleave(t2v.heads_per_group, dim=0)  # (H, hd)
+            read = read + (1 - probs.sum(-1, keepdim=True)) * sink
+        out[f"layer {i}: read"] = read.reshape(-1)
         out[f"layer {i}: read on the sprite only"] = torch.einsum("hs,hsd->hd", on_sprite, values).reshape(-1)
         out[f"layer {i}: values, mean over the sprite"] = value[0][:, targets].float().mean(1).reshape(-1)
         out[f"layer {i}: update"] = update[0, column].float()
@@ -112,7 +123,11 @@ def main() -> None:
     result = {"model": str(args.model), "checkpoint": args.checkpoint, "split": args.split, "questions": len(y)}
     for name, stack in rows.items():
         x = torch.stack(stack)
-        result[name] = (round(float(x.mean()), 3) if "mass" in name else round(fit_and_score(x, y, len(PATTERNS)), 3))
+        if "mass" in name:
+            result[name] = round(float(x.mean()), 3)
+        else:
+            result[name] = {f"ridge {strength}": round(ridge_score(x, y, len(PATTERNS), strength), 3)
+                            for strength in RIDGE_STRENGTHS}
     print(json.dumps(result, indent=1))
 
 

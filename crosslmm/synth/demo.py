@@ -115,7 +115,8 @@ def model_mc_reply(model_dir: str | Path) -> str:
 @torch.no_grad()
 def t2v_attention(model: CrossLMMForCausalLM, inputs: dict[str, Any], positions: Sequence[int]) -> torch.Tensor:
     """Where the T2V cross-attention of the text tokens at `positions` (indices into
-    `inputs["input_ids"][0]`) looked: (frames, grid, grid) float32, summing to 1.
+    `inputs["input_ids"][0]`) looked: (frames, grid, grid) float32, summing to 1 (with an
+    attention sink, to one minus the share the sink took: looking at nothing is shown as such).
 
     One forward pass over `inputs` (a batch of one, as the processor builds it), recorded
     by `T2VAttentionRecorder` (the grounding loss reads the same softmax). Averaged over
