@@ -247,5 +247,9 @@ def test_a_sink_loads_closed_into_a_checkpoint_without_one_and_kv_heads_must_div
         before = trained(ids, pixel_values=px, media_num_frames=counts).logits
         after = with_sink(ids, pixel_values=px, media_num_frames=counts).logits
     assert torch.allclose(before, after, atol=0.5) and not torch.equal(before, after)
+    # Its zeros draw no random numbers: a fresh model with a sink has every other tensor of
+    # the same seed's model without one (a recipe's text stages stay bit for bit the same).
+    fresh, fresh_with_sink = tiny_model(seed=3).state_dict(), tiny_model(seed=3, cross_attention_sink=True).state_dict()
+    assert all(torch.equal(tensor, fresh_with_sink[name]) for name, tensor in fresh.items())
     with pytest.raises(ValueError, match="cross_attention_kv_heads=3"):
         tiny_config(cross_attention_kv_heads=3)
