@@ -67,7 +67,7 @@ class GatedCrossAttention(nn.Module):
     def reset_to_closed(self, zeros_=nn.init.zeros_, constant_=nn.init.constant_) -> None:
         """Make the block add exactly zero. The init functions are parameters so that
         loading can pass transformers' versions, which skip tensors read from a checkpoint.
-        A sink starts at zero: a key at the originals' zero logit, a value that adds nothing."""
+        A sink starts at zero: one more key, at logit 0, whose value adds nothing."""
         if self.sink_key is not None:
             zeros_(self.sink_key)
             zeros_(self.sink_value)
