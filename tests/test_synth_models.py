@@ -120,6 +120,42 @@ def test_vision_pretraining_learns_and_loads_into_a_crosslmm(tmp_path):
         assert torch.equal(tensor, pretrained[name]), name
 
 
+def test_vision_pretraining_stopped_midway_resumes_to_the_same_encoder(tmp_path, monkeypatch):
+    # A run killed after its step-4 checkpoint, started again with the same arguments,
+    # ends with the tensors of a run never stopped (the default recipe's first training).
+    config, scenes = preset_config("tiny"), [scene_for(0, i, size=56) for i in range(4)]
+    args = dict(steps=7, batch_frames=8, seed=0, save_every=2)
+    pretrain_vision(config, scenes, scenes[:1], tmp_path / "whole", **args)
+
+    step = torch.optim.AdamW.step
+    calls = []
+
+    def dies_at_the_sixth_step(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dies_at_the_sixth_step)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_vision(config, scenes, scenes[:1], tmp_path / "cut", checkpoints=tmp_path / "ckpt", **args)
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step-0000004"
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    calls.clear()
+    calls.extend([1] * 100)  # past the sixth: every step counts from here
+    resumed = pretrain_vision(config, scenes, scenes[:1], tmp_path / "cut", checkpoints=tmp_path / "ckpt", **args)
+    assert len(calls) == 100 + 3  # steps 5 to 7 only
+    whole, cut = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert whole.keys() == cut.keys()
+    for name in whole:
+        assert torch.equal(whole[name], cut[name]), name
+    assert resumed["steps"] == 7
+
+    with pytest.raises(ValueError, match="other settings"):  # a checkpoint of another pretraining is refused
+        pretrain_vision(config, scenes, scenes[:1], tmp_path / "other", checkpoints=tmp_path / "ckpt",
+                        **{**args, "batch_frames": 4})
+
+
 def test_a_models_encoder_trains_on_and_set_vision_puts_it_back(tmp_path, data):
     # `crosslmm synth-vision` continues a model's frozen encoder (heads fitted first,
     # then the tower), `crosslmm set-vision` writes the model with it; the anchor keeps

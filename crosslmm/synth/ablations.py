@@ -200,12 +200,17 @@ def prepare_vision(config: AblationConfig, data: Path, folder: Path) -> Path:
     train_ids = split["train"]
     scenes = [scene_for(d.seed, i, d.frames, d.size) for i in train_ids[: spec.scenes]]
     held = [scene_for(d.seed, i, d.frames, d.size) for i in train_ids[spec.scenes: spec.scenes + 100]]
-    # Features encoded by an earlier encoder are stale: the cache is derived from this folder.
+    # Features encoded by an earlier encoder are stale: the cache is derived from this folder;
+    # so are the checkpoints of an encoder pretrained under another spec.
     shutil.rmtree(Path(config.out_dir) / "feature_cache", ignore_errors=True)
+    if (folder / "pretraining.json").exists():
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     report = pretrain_vision(preset_config(config.preset), scenes, held, folder, steps=spec.steps,
-                             batch_frames=spec.batch_frames, learning_rate=spec.learning_rate, seed=config.seed)
+                             batch_frames=spec.batch_frames, learning_rate=spec.learning_rate, seed=config.seed,
+                             checkpoints=folder / "checkpoints")
     report["spec"] = asdict(spec)
     (folder / "pretraining.json").write_text(json.dumps(report, indent=2))
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     return folder
 
 

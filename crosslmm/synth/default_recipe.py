@@ -35,6 +35,7 @@ scratch in one run").
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -196,9 +197,10 @@ def prepare_vision(config: DefaultRecipeConfig, world: Path, folder: Path) -> Pa
     train_scenes, held_scenes = training_scenes(world, spec.scenes, spec.heldout)
     report = pretrain_vision(preset_config(config.preset), train_scenes, held_scenes, folder,
                              steps=spec.steps, batch_frames=spec.batch_frames, learning_rate=spec.learning_rate,
-                             seed=config.seed)
+                             seed=config.seed, checkpoints=folder / "checkpoints")
     report["world"] = str(world)
     (folder / "pretraining.json").write_text(json.dumps(report, indent=2))  # last: marks the step done
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     return folder
 
 
