@@ -61,3 +61,21 @@ def test_memory_cli_shows_7b_stage_2_fits_80_gb_under_fsdp_and_not_under_ddp():
     assert ddp["per_gpu_gb"] > 135  # 16 bytes per parameter of weights, gradients and AdamW alone
     refused = CliRunner().invoke(app, ["memory", "crosslmm-7b", "--strategy", "zero3"])
     assert refused.exit_code != 0 and "fsdp" in refused.output
+
+
+def test_the_estimate_follows_the_cross_attentions_own_key_value_heads():
+    # cross_attention_kv_heads widens T2V/V2V's keys and values over every original token.
+    # At 64 frames they reach the peak: the measured step grows by 7.3 MB, the parameters'
+    # share of it is 1.8, and the estimate must see more than the parameters' share.
+    from crosslmm.model.configuration import CrossLMMConfig
+
+    config = preset_config("small")
+    wide = CrossLMMConfig(**{**config.to_dict(), "cross_attention_kv_heads": config.text_config.num_attention_heads})
+    assert wide.cross_attention_kv_heads != config.text_config.num_key_value_heads
+    peaks = {}
+    for name, c in (("default", config), ("wide", wide)):
+        peaks[name] = (measure_training_step(c, 2, 64)["peak_gb"],
+                       estimate(c, 2, 64, gpus=1, strategy="ddp", mixed_precision="no", device="cpu")["per_gpu_gb"])
+    assert peaks["wide"][1] == pytest.approx(peaks["wide"][0], rel=0.15)
+    measured, estimated = (peaks["wide"][i] - peaks["default"][i] for i in (0, 1))
+    assert estimated > 0.5 * measured > 0

@@ -167,7 +167,9 @@ def estimate(config: CrossLMMConfig, stage: int, frames: int, gpus: int = 8, str
     if config.use_dcal:
         blocks = [queries_v2v] if config.use_v2v else []
         blocks += [queries_t2v] if config.use_t2v else []
-        cross = sum(2 * frames_total * n * kv * compute + q * (5 * d * compute + 2 * d * 4) for q in blocks)
+        # The cross-attentions' own K/V width (CrossLMMConfig.cross_attention_kv_heads, default the LLM's).
+        cross_kv = (config.cross_attention_kv_heads or text.num_key_value_heads) * (d // text.num_attention_heads)
+        cross = sum(2 * frames_total * n * cross_kv * compute + q * (5 * d * compute + 2 * d * 4) for q in blocks)
     acts["one_layer_recompute"] = layer + backward_temp + cross
     if config.use_dcal:  # the originals' gradient, summed over the DCAL layers, and one layer's share of it
         acts["originals_gradient"] = 2 * frames_total * n * d * compute
