@@ -14,7 +14,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from crosslmm.checkpoints.scratch import init_from_scratch
 from crosslmm.data.video import load_media
 from crosslmm.infer import load
-from crosslmm.model.cross_attention import GatedCrossAttention
+from crosslmm.model.cross_attention import CrossAttentionOptions, GatedCrossAttention
 from crosslmm.synth.demo import (
     DEMO_INDEX,
     demo_questions,
@@ -44,7 +44,7 @@ def model_dir(tmp_path_factory):
 def test_recomputed_probabilities_reproduce_the_modules_output(sink):
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
-    attention = GatedCrossAttention(config, Qwen2RMSNorm, sink=sink).eval()
+    attention = GatedCrossAttention(config, Qwen2RMSNorm, CrossAttentionOptions(sink=sink)).eval()
     with torch.no_grad():
         attention.gate.fill_(0.5)
         torch.nn.init.normal_(attention.o_proj.weight, std=0.1)  # an open block: a fresh o_proj is zero

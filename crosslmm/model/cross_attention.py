@@ -16,11 +16,28 @@ key/value head instead of being repeated G times in memory.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
+
+
+@dataclass(frozen=True)
+class CrossAttentionOptions:
+    """How every cross-attention block is built: CrossLMMConfig's `cross_attention_init`,
+    `cross_attention_sink` and `cross_attention_kv_heads` (documented there), in one object
+    so the decoder layers pass them on without knowing them."""
+
+    init: str = "zero_output"
+    sink: bool = False
+    kv_heads: int | None = None  # None: the LLM's own num_key_value_heads
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> CrossAttentionOptions:
+        """The options a CrossLMMConfig holds."""
+        return cls(config.cross_attention_init, config.cross_attention_sink, config.cross_attention_kv_heads)
 
 
 class GatedCrossAttention(nn.Module):
@@ -30,14 +47,14 @@ class GatedCrossAttention(nn.Module):
     the default) or the gate is zero (`"zero_gate"`, the paper's; see CrossLMMConfig)."""
 
     def __init__(
-        self, text_config: PretrainedConfig, norm_class: type[nn.Module], init: str = "zero_output", sink: bool = False,
-        kv_heads: int | None = None,
+        self, text_config: PretrainedConfig, norm_class: type[nn.Module],
+        options: CrossAttentionOptions = CrossAttentionOptions(),
     ) -> None:
         super().__init__()
         hidden_size = text_config.hidden_size
         self.num_heads = text_config.num_attention_heads
-        # `kv_heads` (CrossLMMConfig.cross_attention_kv_heads) overrides the LLM's own count.
-        self.num_key_value_heads = kv_heads or getattr(text_config, "num_key_value_heads", None) or self.num_heads
+        self.num_key_value_heads = (options.kv_heads or getattr(text_config, "num_key_value_heads", None)
+                                    or self.num_heads)
         self.head_dim = getattr(text_config, "head_dim", None) or hidden_size // self.num_heads
         if self.num_heads % self.num_key_value_heads:
             raise ValueError(
@@ -58,9 +75,9 @@ class GatedCrossAttention(nn.Module):
         # it softmax hands each query a full unit of attention over the originals, and
         # attending to every matching token returns their mean, which says neither "none"
         # nor "how many" (CrossLMMConfig.cross_attention_sink).
-        self.sink_key = nn.Parameter(torch.zeros(self.num_key_value_heads, self.head_dim)) if sink else None
-        self.sink_value = nn.Parameter(torch.zeros(self.num_key_value_heads, self.head_dim)) if sink else None
-        self.init_mode = init
+        self.sink_key = nn.Parameter(torch.zeros(self.num_key_value_heads, self.head_dim)) if options.sink else None
+        self.sink_value = nn.Parameter(torch.zeros(self.num_key_value_heads, self.head_dim)) if options.sink else None
+        self.init_mode = options.init
         with torch.no_grad():
             self.reset_to_closed()
 

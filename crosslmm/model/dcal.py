@@ -34,7 +34,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from crosslmm.model.cross_attention import GatedCrossAttention
+from crosslmm.model.cross_attention import CrossAttentionOptions, GatedCrossAttention
 
 _LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 
@@ -174,7 +174,7 @@ class DCALDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(
         self, decoder_layer: nn.Module, text_config: PretrainedConfig, layer_idx: int, use_v2v: bool, use_t2v: bool,
-        init: str = "zero_output", sink: bool = False, kv_heads: int | None = None,
+        options: CrossAttentionOptions = CrossAttentionOptions(),
     ) -> None:
         super().__init__()
         parts = {name for name, _ in decoder_layer.named_children()}
@@ -190,8 +190,8 @@ class DCALDecoderLayer(GradientCheckpointingLayer):
         self.attention_type = getattr(decoder_layer, "attention_type", "full_attention")
         self.layer_idx = layer_idx
         norm_class = type(decoder_layer.input_layernorm)
-        self.v2v = GatedCrossAttention(text_config, norm_class, init, sink, kv_heads) if use_v2v else None
-        self.t2v = GatedCrossAttention(text_config, norm_class, init, sink, kv_heads) if use_t2v else None
+        self.v2v = GatedCrossAttention(text_config, norm_class, options) if use_v2v else None
+        self.t2v = GatedCrossAttention(text_config, norm_class, options) if use_t2v else None
 
     def forward(self, hidden_states: torch.Tensor, dcal_context: DCALContext | None = None, **kwargs) -> torch.Tensor:
         residual = hidden_states
@@ -249,10 +249,10 @@ def _scatter_update(
 
 def install_dcal(
     decoder_layers: nn.ModuleList, text_config: PretrainedConfig, layer_indices: list[int], v2v_layers: list[int],
-    use_t2v: bool, init: str = "zero_output", sink: bool = False, kv_heads: int | None = None,
+    use_t2v: bool, options: CrossAttentionOptions = CrossAttentionOptions(),
 ) -> None:
     """Replace the chosen decoder layers, in place, by DCAL layers around their own parts;
     those in `v2v_layers` get a V2V block, all of them a T2V block when `use_t2v`."""
     for idx in layer_indices:
         decoder_layers[idx] = DCALDecoderLayer(
-            decoder_layers[idx], text_config, idx, idx in v2v_layers, use_t2v, init, sink, kv_heads)
+            decoder_layers[idx], text_config, idx, idx in v2v_layers, use_t2v, options)

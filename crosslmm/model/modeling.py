@@ -28,7 +28,7 @@ from transformers.utils import ModelOutput
 
 from crosslmm import compat
 from crosslmm.model.configuration import CrossLMMConfig
-from crosslmm.model.cross_attention import GatedCrossAttention
+from crosslmm.model.cross_attention import CrossAttentionOptions, GatedCrossAttention
 from crosslmm.model.dcal import CrossAttentionCache, DCALContext, install_dcal
 from crosslmm.model.pooling import pool_frames
 from crosslmm.model.projector import Projector
@@ -162,7 +162,7 @@ class CrossLMMForCausalLM(CrossLMMPreTrainedModel):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         install_dcal(
             self.decoder_layers, config.text_config, config.dcal_layer_indices, config.v2v_layer_indices, config.use_t2v,
-            config.cross_attention_init, config.cross_attention_sink, config.cross_attention_kv_heads,
+            CrossAttentionOptions.from_config(config),
         )
         # Blocks that must stay whole on one device or in one FSDP unit: ours and the
         # sub-models' (the ViT's encoder layers, the LLM's decoder layers), explicitly,
