@@ -163,10 +163,10 @@ def pretrain_vision(
     frames), which keeps the features near what the downstream projector learned
     (docs/synthetic.md, "a better-trained encoder").
 
-    `checkpoints` (a folder) gets the probe, optimizer, schedule
-    and random state every `save_every` steps, atomically (`crosslmm.train.state`), and a
-    call that finds one there resumes from it: the result is the same tensors as a run
-    never stopped, since each step's frames follow from the seed and the step."""
+    `checkpoints` (a folder) gets the probe, optimizer, schedule and random state every
+    `save_every` steps, atomically (`crosslmm.train.state`), and a call that finds one
+    there resumes from it: the result is the same tensors as a run never stopped, since
+    each step's frames follow from the seed and the step."""
     if config.vision_config.model_type != "siglip_vision_model":
         raise ValueError("synthetic-world pretraining builds a SigLIP vision encoder")
     grid = config.vision_grid_size
