@@ -36,7 +36,7 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 from crosslmm.model.configuration import CrossLMMConfig
 from crosslmm.model.vision import VisionTower
 from crosslmm.synth.world import COLORS, PATTERNS, SHAPES, Scene, render, shape_mask
-from crosslmm.train.state import LATEST, load_checkpoint, prune_checkpoints, save_checkpoint
+from crosslmm.train.state import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 
 # Per-patch targets; class 0 of each is "no sprite here".
 TARGETS: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "pattern": PATTERNS}
@@ -195,16 +195,16 @@ def pretrain_vision(
     )
     order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(seed))
     first, seconds_before = 0, 0.0
+    started_from = None if init is None else str(init) if isinstance(init, (str, Path)) else "a given tower"
     settings = {"steps": steps, "batch_frames": batch_frames, "learning_rate": learning_rate, "seed": seed,
-                "train_frames": len(pixels), "anchor": anchor, "init": init is not None}
+                "train_frames": len(pixels), "anchor": anchor, "init": started_from}
     checkpoints = Path(checkpoints) if checkpoints is not None else None
-    if checkpoints is not None and (checkpoints / LATEST).is_file():
-        folder = checkpoints / (checkpoints / LATEST).read_text().strip()
-        saved = json.loads((folder / "progress.json").read_text())
+    folder = latest_checkpoint(checkpoints) if checkpoints is not None else None
+    if folder is not None:
+        saved = load_checkpoint(folder, probe, optimizer, schedule)
         if saved["settings"] != settings:
             raise ValueError(f"{folder} is a pretraining with other settings ({saved['settings']}, not {settings}); "
                              "remove it to start over")
-        load_checkpoint(folder, probe, optimizer, schedule)
         first, seconds_before = saved["step"], saved["seconds"]
     started = time.perf_counter()
     probe.train()
@@ -233,7 +233,7 @@ def pretrain_vision(
         loss, accuracy = probe(eval_pixels, eval_labels)
     save_vision_encoder(probe.tower, config.vision_config, out_dir)
     report = {"steps": steps, "batch_frames": batch_frames, "learning_rate": learning_rate,
-              "init": None if init is None else str(init) if isinstance(init, (str, Path)) else "a given tower",
+              "init": started_from,
               "anchor": anchor, "train_frames": len(pixels), "seconds": round(seconds, 1),
               "eval_loss": round(float(loss), 4), "eval_patch_accuracy": {k: round(v, 4) for k, v in accuracy.items()}}
     (Path(out_dir) / "pretraining.json").write_text(json.dumps(report, indent=2))

@@ -188,14 +188,21 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, 
     return json.loads((folder / "progress.json").read_text())
 
 
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The checkpoint folder `checkpoints/latest` names, or None before the first one."""
+    pointer = Path(checkpoints) / LATEST
+    return Path(checkpoints) / pointer.read_text().strip() if pointer.is_file() else None
+
+
 def resolve_resume(output_dir: Path, resume: str) -> Path:
     """`latest` -> the folder the `latest` file names; anything else is a folder path."""
     checkpoints = Path(output_dir) / "checkpoints"
     if resume == LATEST:
-        pointer = checkpoints / LATEST
-        if not pointer.is_file():
-            raise FileNotFoundError(f"resume=latest but {pointer} does not exist: no checkpoint was written yet")
-        return checkpoints / pointer.read_text().strip()
+        folder = latest_checkpoint(checkpoints)
+        if folder is None:
+            raise FileNotFoundError(f"resume=latest but {checkpoints / LATEST} does not exist: no checkpoint was "
+                                    "written yet")
+        return folder
     folder = Path(resume)
     if not (folder / "progress.json").is_file():
         raise FileNotFoundError(f"{folder} is not a training checkpoint (no progress.json)")
