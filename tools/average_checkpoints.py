@@ -3,7 +3,8 @@
 Weight averaging (checkpoint soups) is a cheap test of whether the last steps of a stage
 still wander around a better point. A checkpoint keeps only the trainable tensors
 (`trainable.safetensors`, `crosslmm.train.state`); the frozen ones come from MODEL, the
-stage's exported model. Only single-process (DDP) checkpoints: FSDP shards are not merged.
+stage's exported model. One process or DDP (one `trainable.safetensors`); FSDP shards are
+not merged.
 Stages keep one checkpoint (`keep_checkpoints`), so copy them out while the stage runs,
 or raise `keep_checkpoints`.
 
